@@ -287,4 +287,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: fl
         b = boxes + boxes.new_tensor([0, 0, 1, 1]) if plus_one else boxes
         keep = _tv_batched_nms(b, scores, labels, iou_threshold)
         return keep[_score_order(scores[keep])]
-    return _greedy_nms(boxes, scores, labels, iou_threshold, plus_one)
+    if labels.unique().numel() == 1:
+        return _greedy_nms(boxes, scores, None, iou_threshold, plus_one)
+    # One greedy pass per label: the cost is the sum of squares of the group sizes, not the square of the sum.
+    groups = [(labels == lab).nonzero().flatten() for lab in labels.unique()]
+    keep = torch.cat([idx[_greedy_nms(boxes[idx], scores[idx], None, iou_threshold, plus_one)] for idx in groups])
+    keep = keep.sort().values  # ties in score keep the lower original index
+    return keep[_score_order(scores[keep])]

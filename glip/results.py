@@ -1,0 +1,81 @@
+"""Typed prediction results and their exports (supervision, JSON API, COCO)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .prompts import Prompt
+
+
+@dataclass(frozen=True)
+class Token:
+    index: int      # position in the BERT input ([CLS] = 0)
+    text: str       # WordPiece ("[CLS]", "red", "##dish", …)
+    start: int      # char span in the caption ((0, 0) for special tokens)
+    end: int
+
+    @property
+    def special(self) -> bool:
+        return self.start == self.end
+
+
+@dataclass
+class GroundingResult:
+    boxes: np.ndarray          # (N, 4) xyxy in original image pixels, sorted by descending score
+    scores: np.ndarray         # (N,)
+    phrase_ids: np.ndarray     # (N,) index into prompt.phrases
+    prompt: Prompt
+    tokens: list[Token]        # the prompt's tokens ([CLS] … [SEP])
+    token_scores: np.ndarray   # (N, len(tokens)) σ(S_ground) of each box's anchor per token (NaN: not scored)
+    image_size: tuple[int, int]  # (W, H)
+    threshold: float = 0.0
+    states: list = field(default_factory=list, repr=False)  # cached head outputs (for heat maps / attention)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def phrases(self) -> list[str]:
+        """The phrase of each box."""
+        return [self.prompt.phrases[i] for i in self.phrase_ids]
+
+    def spans(self, i: int) -> list[tuple[int, int]]:
+        return list(self.prompt.spans[int(self.phrase_ids[i])])
+
+    @property
+    def attentions(self):
+        """X-MHA probabilities per fusion layer (only when predicted with output_attentions=True)."""
+        return self.states[0].head.attentions if self.states else []
+
+    def to_supervision(self):
+        """→ `sv.Detections` (class_id = phrase index; names in data['class_name'])."""
+        import supervision as sv
+
+        return sv.Detections(
+            xyxy=self.boxes.astype(np.float32).reshape(-1, 4), confidence=self.scores.astype(np.float32),
+            class_id=self.phrase_ids.astype(int),
+            data={"class_name": np.array(self.phrases, dtype=str)},
+        )
+
+    def to_json(self) -> list[dict]:
+        """The public API format: [{"box": [x1,y1,x2,y2], "score", "phrase", "span": [start, end]}]."""
+        out = []
+        for i in range(len(self)):
+            b, e = self.spans(i)[0]
+            out.append({"box": [round(float(v), 2) for v in self.boxes[i]], "score": round(float(self.scores[i]), 4),
+                        "phrase": self.phrases[i], "span": [int(b), int(e)]})
+        return out
+
+    def to_coco(self, image_id: int = 1, file_name: str = "image.png") -> dict:
+        """COCO-style detection results plus the categories (one per phrase) and the image entry."""
+        W, H = self.image_size
+        anns = []
+        for i in range(len(self)):
+            x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+            anns.append({"id": i + 1, "image_id": image_id, "category_id": int(self.phrase_ids[i]) + 1,
+                         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                         "area": round((x2 - x1) * (y2 - y1), 2), "score": round(float(self.scores[i]), 4), "iscrowd": 0})
+        cats = [{"id": j + 1, "name": p, "spans": [list(s) for s in self.prompt.spans[j]]} for j, p in enumerate(self.prompt.phrases)]
+        return {"images": [{"id": image_id, "file_name": file_name, "width": W, "height": H}],
+                "annotations": anns, "categories": cats, "caption": self.prompt.caption}
