@@ -179,7 +179,7 @@ class SwinTransformer(nn.Module):
         d = cfg.swin_embed_dim
         self.patch_embed = PatchEmbed(d)
         n = sum(cfg.swin_depths)
-        dpr = torch.linspace(0, cfg.swin_drop_path_rate, n).tolist()
+        dpr = [cfg.swin_drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # plain floats: works on the meta device
         self.layers = nn.ModuleList()
         for i, depth in enumerate(cfg.swin_depths):
             s = sum(cfg.swin_depths[:i])

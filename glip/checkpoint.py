@@ -27,6 +27,19 @@ STRUCTURAL = ("swin_embed_dim", "swin_depths", "swin_num_heads", "swin_window_si
               "num_dyhead_blocks", "early_fusion", "fusion_embed_dim", "num_classes")
 
 
+TEXT_PREFIX = "language_backbone."
+
+
+def _minilm_state_dict() -> dict[str, torch.Tensor]:
+    from .language import minilm_state_dict
+
+    return minilm_state_dict()
+
+
+# Text encoders whose weights ship in a pip package: a checkpoint of ours may leave them out (frozen, stock).
+TEXT_ENCODERS = {"all-MiniLM-L6-v2": _minilm_state_dict}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, with the reason and the offending keys."""
 
@@ -146,19 +159,30 @@ def load_state(model, sd: dict[str, torch.Tensor], source: str = "checkpoint") -
 
 
 # --- our format -----------------------------------------------------------------------------------
-def save_model(model, out_dir: str | Path, fp16: bool = False) -> Path:
-    """`out_dir/model.safetensors` + `out_dir/config.json`."""
+def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_encoder: bool = False) -> Path:
+    """`out_dir/model.safetensors` + `out_dir/config.json`.
+
+    exclude_text_encoder=True leaves the `language_backbone.*` tensors out (a frozen, stock text encoder:
+    `read_ours` refills them from the pip-packaged weights named by `config.text_encoder`)."""
     from safetensors.torch import save_file
 
+    if exclude_text_encoder and model.config.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"exclude_text_encoder needs a text encoder that ships offline ({sorted(TEXT_ENCODERS)}), "
+                         f"not {model.config.text_encoder!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {}
     for k, v in model.state_dict().items():
+        if exclude_text_encoder and k.startswith(TEXT_PREFIX):
+            continue
         v = v.detach().to("cpu")
         if fp16 and v.is_floating_point():
             v = v.half()
         sd[k] = v.contiguous()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "glip-explorer", "version": str(FORMAT_VERSION)})
+    meta = {"format": "glip-explorer", "version": str(FORMAT_VERSION)}
+    if exclude_text_encoder:
+        meta["text_encoder_excluded"] = model.config.text_encoder
+    save_file(sd, str(out / "model.safetensors"), metadata=meta)
     d = model.config.to_dict()
     (out / "config.json").write_text(json.dumps(d, indent=1))
     return out
@@ -172,7 +196,10 @@ def read_ours(folder: Path) -> tuple[dict[str, torch.Tensor], GLIPConfig]:
     except Exception as e:
         raise CheckpointError(f"{folder}/model.safetensors is not a valid safetensors file ({e})") from e
     cfg = GLIPConfig.load(folder / "config.json")
-    return {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}, cfg
+    sd = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}
+    if cfg.text_encoder in TEXT_ENCODERS and not any(k.startswith(TEXT_PREFIX) for k in sd):
+        sd.update({TEXT_PREFIX + "body.model." + k: v for k, v in TEXT_ENCODERS[cfg.text_encoder]().items()})
+    return sd, cfg
 
 
 # --- entry point ------------------------------------------------------------------------------------

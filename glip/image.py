@@ -63,7 +63,7 @@ def _from_array(a: np.ndarray) -> Image.Image:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageError(f"Unsupported array shape {a.shape}; expected HxW, HxWx3 or HxWx4.")
     if a.dtype == np.uint16:
-        a = (a >> 8).astype(np.uint8)
+        a = np.rint(a / 257.0).astype(np.uint8)  # 65535 → 255, same rule as 16-bit PIL images
     elif a.dtype.kind == "f":
         a = (np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif a.dtype != np.uint8:
@@ -75,7 +75,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.int64)
         scale = 257.0 if a.max(initial=0) > 255 else 1.0
-        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8))
+        im = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8))
     if im.mode == "F":
         a = np.asarray(im, dtype=np.float32)
         im = Image.fromarray(np.clip(a if a.max(initial=0) > 1 else a * 255, 0, 255).astype(np.uint8))

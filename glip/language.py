@@ -38,7 +38,7 @@ def minilm_state_dict() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     sd = load_file(str(minilm_dir() / "model.safetensors"))
-    return {k.removeprefix("bert."): v for k, v in sd.items() if "pooler" not in k}
+    return {k.removeprefix("bert."): v for k, v in sd.items() if "pooler" not in k and "position_ids" not in k}
 
 
 def bert_config(d: dict) -> BertConfig:
@@ -118,3 +118,14 @@ class BertFusionLayer(nn.Module):
         h = F.gelu(h).clamp(-CLAMP, CLAMP)
         h = drop(self.output.dense(h)).clamp(-CLAMP, CLAMP)
         return self.output.LayerNorm(h + a).clamp(-CLAMP, CLAMP)
+
+
+def load_pretrained_text_encoder(backbone: LanguageBackbone, name: str) -> None:
+    """Start a fresh model's BERT from pretrained weights shipped in a pip package (no hub).
+    Only all-MiniLM-L6-v2 is available offline; official GLIP weights carry their own BERT."""
+    if name != "all-MiniLM-L6-v2":
+        raise ValueError(f"No offline weights for text encoder {name!r}; only 'all-MiniLM-L6-v2' ships in a package")
+    missing, unexpected = backbone.body.model.load_state_dict(minilm_state_dict(), strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise ValueError(f"MiniLM weights do not fit the configured BERT: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -64,14 +64,6 @@ class GLIP(nn.Module):
         head = self.ground(features, text, output_attentions)
         return GLIPOutput(features, text, head, self.anchors(features))
 
-    # --- fusion ablation -----------------------------------------------------------------------
-    def set_fusion(self, enabled: bool) -> None:
-        """Switch the X-MHA residuals off (layer scale γ → 0) or back on, e.g. to see what deep fusion buys."""
-        for layer in self.rpn.head.fusion_layers:
-            layer.enabled = enabled
-        if self._predictor is not None:
-            self._predictor.clear_cache(image=False, text=False)
-
     @property
     def has_fusion(self) -> bool:
         return bool(self.rpn.head.fusion_layers)
@@ -84,10 +76,10 @@ class GLIP(nn.Module):
 
         return load_model(src, config=config, device=device, dtype=dtype)
 
-    def save_pretrained(self, out_dir, fp16: bool = False) -> None:
+    def save_pretrained(self, out_dir, fp16: bool = False, exclude_text_encoder: bool = False) -> None:
         from .checkpoint import save_model
 
-        save_model(self, out_dir, fp16=fp16)
+        save_model(self, out_dir, fp16=fp16, exclude_text_encoder=exclude_text_encoder)
 
     @property
     def predictor(self):

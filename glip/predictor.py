@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class Predictor:
         self.model = model
         self.images, self.texts, self.heads = LRU(image_cache), LRU(text_cache), LRU(head_cache)
         self.stats = {"image_runs": 0, "text_runs": 0, "head_runs": 0}
+        self.lock = threading.RLock()  # caches and the fusion switch are shared: one request at a time
 
     @property
     def device(self) -> torch.device:
@@ -113,8 +115,8 @@ class Predictor:
         return parse_prompt(prompt, phrases=phrases, spans=spans, mode=mode)
 
     # --- the network, with caches ----------------------------------------------------------------
-    def _features(self, entries: list[_ImageEntry]) -> list[torch.Tensor]:
-        key = tuple(e.key for e in entries)
+    def _features(self, entries: list[_ImageEntry], precision: str) -> list[torch.Tensor]:
+        key = (tuple(e.key for e in entries), precision)
         feats = self.images.get(key)
         if feats is None:
             batch, _ = batch_images([e.tensor for e in entries], self.model.config.size_divisibility)
@@ -123,8 +125,8 @@ class Predictor:
             self.images.put(key, feats)
         return feats
 
-    def _text(self, captions: list[str]) -> TextFeatures:
-        key = tuple(captions)
+    def _text(self, captions: list[str], precision: str) -> TextFeatures:
+        key = (tuple(captions), precision)
         text = self.texts.get(key)
         if text is None:
             enc = tokenize(captions, max_len=self.model.config.max_query_len)
@@ -133,18 +135,34 @@ class Predictor:
             self.texts.put(key, text)
         return text
 
+    @contextlib.contextmanager
+    def _fusion(self, enabled: bool):
+        layers = self.model.rpn.head.fusion_layers
+        before = [f.enabled for f in layers]
+        for f in layers:
+            f.enabled = enabled
+        try:
+            yield
+        finally:
+            for f, b in zip(layers, before):
+                f.enabled = b
+
     @torch.no_grad()
     def run(self, entries: list[_ImageEntry], chunks: list[tuple[Prompt, list[int]]], output_attentions: bool = False,
-            precision: str = "fp32") -> list[GroundingState]:
-        """Head outputs for a batch of images, one prompt chunk per image (cached per batch)."""
-        fusion_on = all(f.enabled for f in self.model.rpn.head.fusion_layers)
-        key = (tuple(e.key for e in entries), tuple(c[0].caption for c in chunks), fusion_on, precision)
+            precision: str = "fp32", fusion: bool = True) -> list[GroundingState]:
+        """Head outputs for a batch of images, one prompt chunk per image (cached per batch).
+        fusion=False switches the X-MHA residuals off for this call (the deep-fusion ablation)."""
+        with self.lock, self._fusion(fusion):
+            return self._run(entries, chunks, output_attentions, precision, fusion)
+
+    def _run(self, entries, chunks, output_attentions, precision, fusion) -> list[GroundingState]:
+        key = (tuple(e.key for e in entries), tuple(c[0].caption for c in chunks), fusion, precision)
         cached = self.heads.get(key)
         if cached is not None and (not output_attentions or cached[0].head.attentions or not self.model.has_fusion):
             return cached
         with _autocast(self.device, precision):
-            feats = self._features(entries)
-            text = self._text([c[0].caption for c in chunks])
+            feats = self._features(entries, precision)
+            text = self._text([c[0].caption for c in chunks], precision)
             head = self.model.ground(feats, text, output_attentions=output_attentions)
         self.stats["head_runs"] += 1
         anchors = self.model.anchors(feats)
@@ -165,14 +183,15 @@ class Predictor:
     # --- public API ----------------------------------------------------------------------------------
     def predict(self, image, prompt, spans=None, phrases=None, threshold: float = 0.5, nms_iou: float | None = None,
                 max_dets: int = 100, min_size: int | None = None, max_size: int | None = None, mode: str = "auto",
-                output_attentions: bool = False, precision: str = "fp32"):
+                output_attentions: bool = False, precision: str = "fp32", fusion: bool = True):
         """Ground `prompt` in `image`.
 
         image: PIL image, RGB numpy array, path or bytes — or a list of them with a list of prompts (one per
         image), run as ONE padded batch (the pseudo-labelling path; batch padding changes results, as official).
         prompt: a caption ("a dog on a sofa"), a category list ("person . dog" or ["person", "dog"]) or a Prompt;
         `phrases` / `spans` ground explicit phrases of a caption. Prompts over 256 tokens are split and merged.
-        threshold: keep boxes scoring above it (the official demo keeps > 0.5). Returns a GroundingResult.
+        threshold: keep boxes scoring above it (the official demo keeps > 0.5). fusion=False: the same prediction
+        with deep fusion switched off (ablation). Returns a GroundingResult (a list of them for a batch).
         """
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -184,21 +203,25 @@ class Predictor:
         if isinstance(image, (list, tuple)):
             if not isinstance(prompt, (list, tuple)) or len(prompt) != len(image):
                 raise ValueError("A batch of images needs a list with one prompt per image")
-            return self._predict_batch(image, prompt, threshold, nms_iou, max_dets, min_size, max_size, mode, precision)
+            with self.lock:
+                return self._predict_batch(image, prompt, threshold, nms_iou, max_dets, min_size, max_size, mode,
+                                           precision, fusion)
         entry = self.prepare_image(image, min_size, max_size)
         full = self.prepare_prompt(prompt, phrases, spans, mode)
-        states = [self.run([entry], [c], output_attentions, precision)[0] for c in chunk(full)]
-        return self._result(entry, full, states, threshold, nms_iou, max_dets)
+        with self.lock:
+            states = [self.run([entry], [c], output_attentions, precision, fusion)[0]
+                      for c in chunk(full, max_len=self.model.config.max_query_len)]
+            return self._result(entry, full, states, threshold, nms_iou, max_dets)
 
-    def _predict_batch(self, images, prompts, threshold, nms_iou, max_dets, min_size, max_size, mode, precision):
+    def _predict_batch(self, images, prompts, threshold, nms_iou, max_dets, min_size, max_size, mode, precision, fusion):
         entries = [self.prepare_image(im, min_size, max_size) for im in images]
         fulls = [self.prepare_prompt(p, mode=mode) for p in prompts]
-        chunked = [chunk(p) for p in fulls]
+        chunked = [chunk(p, max_len=self.model.config.max_query_len) for p in fulls]
         n_rounds = max(len(c) for c in chunked)
         per_image: list[list[GroundingState]] = [[] for _ in entries]
         for r in range(n_rounds):  # one padded batch per chunk round (usually one round)
             idx = [i for i, c in enumerate(chunked) if r < len(c)]
-            states = self.run([entries[i] for i in idx], [chunked[i][r] for i in idx], False, precision)
+            states = self.run([entries[i] for i in idx], [chunked[i][r] for i in idx], False, precision, fusion)
             for i, s in zip(idx, states):
                 per_image[i].append(s)
         return [self._result(e, p, s, threshold, nms_iou, max_dets) for e, p, s in zip(entries, fulls, per_image)]
@@ -206,7 +229,7 @@ class Predictor:
     def _result(self, entry: _ImageEntry, full: Prompt, states: list[GroundingState], threshold, nms_iou, max_dets):
         cfg = self.model.config
         boxes, scores, labels, tok_scores = [], [], [], []
-        tokens = prompt_tokens(full)
+        tokens = prompt_tokens(full, cfg.max_query_len)
         for st in states:
             pmap = positive_map(st.prompt, max_len=cfg.max_query_len)
             det = atss_postprocess([t[0] for t in st.head.token_logits], [t[0] for t in st.head.bbox_reg],
@@ -240,7 +263,7 @@ class Predictor:
         if len(full.caption) == len(st.prompt.caption) and full.caption == st.prompt.caption:
             return rows[:, : len(tokens)]
         out = torch.full((len(rows), len(tokens)), float("nan"))
-        chunk_tokens = prompt_tokens(st.prompt)
+        chunk_tokens = prompt_tokens(st.prompt, len(st.head.text[0]))
         by_span = {}
         for j, orig in enumerate(st.phrase_index):  # phrase j of the chunk ↔ phrase `orig` of the full prompt
             ct = [t.index for t in chunk_tokens if any(b <= t.start < e for b, e in st.prompt.spans[j])]
@@ -277,10 +300,10 @@ class Predictor:
         return levels, torch.stack(up).max(0).values
 
 
-def prompt_tokens(prompt: Prompt) -> list[Token]:
-    """The prompt's tokens as BERT sees them ([CLS] … [SEP], truncated at 256) with char offsets."""
+def prompt_tokens(prompt: Prompt, max_len: int = 256) -> list[Token]:
+    """The prompt's tokens as BERT sees them ([CLS] … [SEP], truncated at max_len) with char offsets."""
     tok = get_tokenizer()
-    enc = tok(prompt.caption, return_offsets_mapping=True, truncation=True, max_length=256)
+    enc = tok(prompt.caption, return_offsets_mapping=True, truncation=True, max_length=max_len)
     ids, offs = enc["input_ids"], enc["offset_mapping"]
     return [Token(i, tok.convert_ids_to_tokens(t), int(b), int(e)) for i, (t, (b, e)) in enumerate(zip(ids, offs))]
 

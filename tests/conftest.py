@@ -1,0 +1,39 @@
+"""Shared test fixtures: where ../shared lives, a small official-layout model, environment hygiene."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GLIP_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+DOCS = SHARED / "docs"
+
+
+def fixture_dirs() -> list[Path]:
+    if not FIXTURES.is_dir():
+        return []
+    return sorted(p for p in FIXTURES.iterdir() if (p / "io.pt").is_file())
+
+
+@pytest.fixture(scope="session")
+def tiny_fixture() -> Path:
+    p = FIXTURES / "glip-official-tiny"
+    if not (p / "model.pth").is_file():
+        pytest.skip("../shared/fixtures/glip-official-tiny is not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_fixture):
+    from glip import GLIP
+
+    return GLIP.from_pretrained(tiny_fixture / "model.pth", config=tiny_fixture / "config.json")

@@ -1,0 +1,275 @@
+"""The model against the official implementation: fixtures (stage by stage), checkpoint manifests,
+official-layout checkpoints round-tripping through our format, and the pure-PyTorch DCN."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import DOCS, REPO, fixture_dirs
+from glip import GLIP, GLIPConfig, get_preset
+from glip.checkpoint import IGNORED, CheckpointError, infer_config, load_model, read_official
+from glip.dyhead import deform_conv2d, reinterpret
+from glip.parity import run_parity
+from glip.prompts import from_categories, tokenize
+
+
+# --- parity with the official implementation ---------------------------------------------------------
+@pytest.mark.parametrize("fixture", fixture_dirs(), ids=lambda p: p.name)
+def test_parity_with_official_fixture(fixture):
+    rep = run_parity(fixture)
+    assert rep.ok, rep.table()
+    names = {r.name for r in rep.rows}
+    # every stage of the pipeline was actually compared
+    for must in ("images", "input_ids", "backbone.c3", "fpn.p7", "bert.hidden", "tower.p3", "head.logits.p3"):
+        assert must in names
+
+
+def test_parity_cli_exit_codes(tiny_fixture, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "glip", "parity", str(tiny_fixture)], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PARITY OK" in ok.stdout and "head.logits.p3" in ok.stdout
+    # a corrupted checkpoint must make the parity command fail
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "io.pt", "image.png"):
+        (bad / f).symlink_to(tiny_fixture / f)
+    sd = torch.load(tiny_fixture / "model.pth", weights_only=True)
+    sd["model"]["module.rpn.head.bias0"] = sd["model"]["module.rpn.head.bias0"] + 0.5
+    torch.save(sd, bad / "model.pth")
+    fail = subprocess.run([sys.executable, "-m", "glip", "parity", str(bad)], cwd=REPO, capture_output=True, text=True)
+    assert fail.returncode == 1 and "MISMATCH" in fail.stdout
+
+
+# --- key layout of the released checkpoints ------------------------------------------------------------
+def _manifest(name):
+    path = DOCS / f"glip-official-keys-{name}.tsv"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        rows[key.removeprefix("module.")] = (tuple(int(x) for x in shape.strip("()").split(",") if x.strip()), dtype)
+    return rows
+
+
+@pytest.mark.parametrize("preset,manifest", [("glip-t-a", "TA"), ("glip-t", "T"), ("glip-l", "L")])
+def test_state_dict_matches_official_manifest(preset, manifest):
+    rows = _manifest(manifest)
+    with torch.device("meta"):  # no 1 GB allocations
+        model = GLIP(get_preset(preset))
+    ours = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    theirs = {k: v for k, v in rows.items() if not IGNORED.search(k) or "cls_logits" in k}
+    assert set(ours) == set(theirs), (sorted(set(ours) - set(theirs))[:5], sorted(set(theirs) - set(ours))[:5])
+    assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
+    assert {k: v[1] for k, v in ours.items()} == {k: v[1] for k, v in theirs.items()}
+    # and the architecture is recoverable from the tensors alone
+    inferred = infer_config(model.state_dict())
+    ref = get_preset(preset)
+    for f in ("swin_embed_dim", "swin_depths", "swin_num_heads", "swin_window_size", "channels",
+              "num_dyhead_blocks", "early_fusion", "fused_dot_product"):
+        assert getattr(inferred, f) == getattr(ref, f), f
+    assert inferred.bert == ref.bert
+
+
+# --- official-layout checkpoints → our format → back ------------------------------------------------------
+SMALL = GLIPConfig(swin_embed_dim=16, swin_depths=(2, 2, 2, 2), swin_num_heads=(1, 2, 4, 8), channels=32,
+                   num_dyhead_blocks=2, fusion_embed_dim=64, max_query_len=32, min_size_test=96, max_size_test=128,
+                   bert=dict(get_preset("glip-t").bert, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, vocab_size=30522))
+
+
+def _official_file(model, path, extra=True):
+    sd = {"module." + k: v.clone() for k, v in model.state_dict().items()}
+    if extra:  # what released files also carry
+        sd["module.language_backbone.body.model.embeddings.position_ids"] = torch.arange(512)[None]
+        for i in range(5):
+            sd[f"module.rpn.anchor_generator.cell_anchors.{i}"] = torch.zeros(1, 4)
+    torch.save({"model": sd, "model_ema": {k: v * 0 for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []},
+                "iteration": 7}, path)
+
+
+def _randomise(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim == 1 else 0.2) + (1.0 if "norm" in name.lower() else 0.0))
+
+
+def _outputs(model, image):
+    res = model.predict(image, ["red circle", "blue square"], threshold=0.0)
+    model.predictor.clear_cache()
+    return res
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_official_checkpoint_round_trip(tmp_path, fp16):
+    torch.manual_seed(0)
+    model = GLIP(SMALL).eval()
+    _randomise(model)
+    _official_file(model, tmp_path / "official.pth")
+    a = load_model(tmp_path / "official.pth", config=SMALL)
+    image = (torch.rand(100, 140, 3) * 255).byte().numpy()
+    ref = _outputs(a, image)
+    assert len(ref) > 0
+    b = load_model(tmp_path / "official.pth", config=SMALL)
+    b.save_pretrained(tmp_path / "ours", fp16=fp16)
+    c = GLIP.from_pretrained(tmp_path / "ours")
+    assert c.config == a.config
+    out = _outputs(c, image)
+    if not fp16:
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, c.state_dict()[k]), k
+        assert (ref.boxes == out.boxes).all() and (ref.scores == out.scores).all()
+    else:  # fp16 storage: weights within half precision, predictions close
+        for k, v in a.state_dict().items():
+            assert torch.allclose(v.float(), c.state_dict()[k].float(), rtol=1e-3, atol=1e-3), k
+        assert abs(float(ref.scores[0]) - float(out.scores[0])) < 2e-2
+    # our format is much smaller than an official file (which carries EMA + optimizer)
+    official_size = (tmp_path / "official.pth").stat().st_size
+    ours_size = (tmp_path / "ours" / "model.safetensors").stat().st_size
+    assert ours_size < official_size / (3.5 if fp16 else 1.8)
+
+
+def test_config_from_official_keys_json(tiny_fixture):
+    cfg = GLIPConfig.load(tiny_fixture / "config.json")
+    assert cfg.channels == 64 and cfg.num_dyhead_blocks == 2 and cfg.bert["num_attention_heads"] == 2
+    assert cfg.min_size_test == 200 and cfg.max_size_test == 333 and cfg.swin_num_heads == (2, 4, 8, 16)
+
+
+def test_official_yaml_config(tmp_path):
+    (tmp_path / "glip.yaml").write_text(
+        "MODEL:\n  SWINT:\n    EMBED_DIM: 192\n    DEPTHS: [2, 2, 18, 2]\n  DYHEAD:\n    NUM_CONVS: 8\n"
+        "INPUT:\n  MIN_SIZE_TEST: 640\n")
+    cfg = GLIPConfig.load(tmp_path / "glip.yaml")
+    assert cfg.swin_embed_dim == 192 and cfg.swin_depths == (2, 2, 18, 2) and cfg.num_dyhead_blocks == 8
+    assert cfg.min_size_test == 640
+
+
+# --- wrong checkpoints give clear errors ---------------------------------------------------------------
+def test_wrong_checkpoints(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        load_model(tmp_path / "garbage.pth")
+    torch.save({"model": {"module.fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="Not a GLIP checkpoint"):
+        load_model(tmp_path / "other.pth")
+    model = GLIP(SMALL)
+    sd = {"module." + k: v for k, v in model.state_dict().items()}
+    sd["module.rpn.head.bbox_pred.weight"] = torch.zeros(5, 32, 1, 1)
+    del sd["module.rpn.head.centerness.bias"]
+    sd["module.rpn.head.surprise"] = torch.zeros(1)
+    torch.save({"model": sd}, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "broken.pth", config=SMALL)
+    msg = str(e.value)
+    assert "rpn.head.centerness.bias" in msg and "rpn.head.surprise" in msg and "rpn.head.bbox_pred.weight" in msg
+    with pytest.raises(CheckpointError, match="Unknown model"):
+        load_model("no-such-model-anywhere")
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
+        load_model("GLIPModel/GLIP/glip_tiny_model_o365_goldg.pth")
+
+
+def test_official_loader_strips_module_prefix(tiny_fixture):
+    sd = read_official(tiny_fixture / "model.pth")
+    assert not any(k.startswith("module.") for k in sd)
+    assert "rpn.head.log_scale" in sd
+
+
+# --- modulated deformable convolution ------------------------------------------------------------------
+def naive_dcn(x, offset, mask, weight, bias, stride, pad):
+    """Direct transcription of the DCNv2 im2col kernel (float64 loops)."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    Ho, Wo = offset.shape[-2:]
+    out = torch.zeros(B, O, Ho, Wo, dtype=torch.float64)
+
+    def px(b, c, y, xx):
+        return float(x[b, c, y, xx]) if 0 <= y < H and 0 <= xx < W else 0.0
+
+    for b in range(B):
+        for ho in range(Ho):
+            for wo in range(Wo):
+                cols = torch.zeros(C, kh * kw, dtype=torch.float64)
+                for i in range(kh):
+                    for j in range(kw):
+                        k = i * kw + j
+                        y = ho * stride - pad + i + float(offset[b, 2 * k, ho, wo])
+                        xx = wo * stride - pad + j + float(offset[b, 2 * k + 1, ho, wo])
+                        if not (-1 < y < H and -1 < xx < W):
+                            continue
+                        y0, x0 = math.floor(y), math.floor(xx)
+                        ly, lx = y - y0, xx - x0
+                        for c in range(C):
+                            v = ((1 - ly) * (1 - lx) * px(b, c, y0, x0) + (1 - ly) * lx * px(b, c, y0, x0 + 1)
+                                 + ly * (1 - lx) * px(b, c, y0 + 1, x0) + ly * lx * px(b, c, y0 + 1, x0 + 1))
+                            cols[c, k] = v * float(mask[b, k, ho, wo])
+                out[b, :, ho, wo] = weight.double().reshape(O, -1) @ cols.reshape(-1) + bias.double()
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.sampled_from([1, 2]), st.floats(0.1, 3.0), st.integers(0, 10_000))
+def test_dcn_matches_naive_kernel(H, W, stride, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, C, O = 2, 3, 4
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    Ho, Wo = (H + 2 - 3) // stride + 1, (W + 2 - 3) // stride + 1
+    offset = torch.randn(B, 18, Ho, Wo, generator=g, dtype=torch.float64) * spread
+    offset[0, 0, 0, 0] = -1.0  # exactly on the -1 border
+    mask = torch.rand(B, 9, Ho, Wo, generator=g, dtype=torch.float64)
+    weight = torch.randn(O, C, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(O, generator=g, dtype=torch.float64)
+    ours = deform_conv2d(x, offset, mask, weight, bias, stride, 1, use_torchvision=False)
+    ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
+    assert torch.allclose(ours, ref, atol=1e-9), (ours - ref).abs().max()
+
+
+def test_dcn_torchvision_path_agrees():
+    tv = pytest.importorskip("torchvision.ops")
+    del tv
+    g = torch.Generator().manual_seed(1)
+    for H, W, s in ((1, 1, 1), (1, 7, 1), (6, 5, 2), (9, 12, 1)):
+        x = torch.randn(1, 8, H, W, generator=g)
+        Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
+        off, m = torch.randn(1, 18, Ho, Wo, generator=g) * 2, torch.rand(1, 9, Ho, Wo, generator=g)
+        w, b = torch.randn(5, 8, 3, 3, generator=g), torch.randn(5, generator=g)
+        a = deform_conv2d(x, off, m, w, b, s, 1, use_torchvision=False)
+        t = deform_conv2d(x, off, m, w, b, s, 1, use_torchvision=True)
+        assert torch.allclose(a, t, atol=1e-5)
+
+
+def test_offset_reinterpretation_is_a_memory_view_not_a_crop():
+    t = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    r = reinterpret(t, 2, 3)
+    assert r.shape == (2, 3, 2, 3)
+    assert torch.equal(r[1].flatten(), t[1].flatten()[: 3 * 2 * 3])
+    assert not torch.equal(r, t[:, :, :2, :3])  # a crop would differ
+    assert reinterpret(t, 4, 5) is t
+
+
+# --- model behaviour --------------------------------------------------------------------------------------
+def test_attention_capture_is_opt_in_and_consistent(tiny_model):
+    enc = tokenize(from_categories(["red circle", "person"]).caption)
+    x = torch.zeros(1, 3, 128, 160)
+    with torch.no_grad():
+        a = tiny_model(x, enc["input_ids"], enc["attention_mask"])
+        b = tiny_model(x, enc["input_ids"], enc["attention_mask"], output_attentions=True)
+    assert a.head.attentions == []
+    assert len(b.head.attentions) == tiny_model.config.num_dyhead_blocks
+    att = b.head.attentions[0]
+    n_img = sum(h * w for h, w in att.level_shapes)
+    assert att.image_to_text.shape == (1, 8, n_img, 256) and att.text_to_image.shape == (1, 8, 256, n_img)
+    valid = int(enc["attention_mask"].sum())
+    assert torch.allclose(att.image_to_text.sum(-1), torch.ones(1, 8, n_img), atol=1e-5)
+    assert float(att.image_to_text[..., valid:].abs().max()) == 0.0  # padded tokens get no attention
+    assert torch.allclose(att.text_to_image.sum(-1), torch.ones(1, 8, 256), atol=1e-5)
+    for la, lb in zip(a.head.token_logits, b.head.token_logits):  # capturing does not change the outputs
+        assert torch.equal(la, lb)

@@ -1,0 +1,201 @@
+"""predict(): inputs of every kind, caches that really skip work, batches, long prompts, exports, CLI."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from glip.image import ImageError, load_image, resized_hw
+from glip.predictor import Predictor
+from glip.prompts import PromptError, from_categories
+
+PROMPT = "red circle . blue square . person . yellow hexagon"
+
+
+@pytest.fixture()
+def pred(tiny_model):
+    return Predictor(tiny_model)  # fresh caches per test
+
+
+@pytest.fixture(scope="module")
+def scene(tiny_fixture):
+    return Image.open(tiny_fixture / "image.png").convert("RGB")
+
+
+# --- images -------------------------------------------------------------------------------------------------
+def test_image_kinds_give_the_same_pixels(scene, tmp_path):
+    arr = np.asarray(scene)
+    path = tmp_path / "s.png"
+    scene.save(path)
+    for src in (scene, arr, str(path), path, path.read_bytes()):
+        assert np.array_equal(np.asarray(load_image(src)), arr)
+
+
+def test_grayscale_rgba_16bit_float_and_exif(tmp_path):
+    g = load_image(np.full((10, 12), 77, np.uint8))
+    assert g.mode == "RGB" and g.getpixel((0, 0)) == (77, 77, 77)
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent → white background
+    assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    rgba[..., 3] = 255
+    assert load_image(rgba).getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(np.full((3, 3, 3), 65535, np.uint16)).getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(np.full((3, 3), 0.5, np.float32)).getpixel((1, 1)) == (128, 128, 128)
+    im16 = Image.fromarray(np.full((5, 6), 40000, np.uint16))
+    assert load_image(im16).getpixel((0, 0))[0] == round(40000 / 257)
+    # EXIF orientation 6 (rotate 90° CW): a 20x10 file is shown 10x20
+    im = Image.new("RGB", (20, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes())
+    assert load_image(buf.getvalue()).size == (10, 20)
+
+
+def test_bad_images_raise_clear_errors(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ImageError, match="corrupt or not an image"):
+        load_image(tmp_path / "x.png")
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="Unsupported array shape"):
+        load_image(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match="Unsupported image type"):
+        load_image(123)
+    big = Image.new("L", (9000, 8000))
+    with pytest.raises(ImageError, match="too large"):
+        load_image(big)
+
+
+def test_huge_images_are_downscaled():
+    im = load_image(Image.new("RGB", (6000, 1000), (1, 2, 3)))
+    assert max(im.size) == 4096
+
+
+@pytest.mark.parametrize("h,w,mn,mx,exp", [(480, 640, 800, 1333, (800, 1066)), (300, 1000, 800, 1333, (400, 1333)),
+                                          (800, 1200, 800, 1333, (800, 1200)), (1000, 500, 800, 1333, (1332, 666))])  # round(666.5)=666, int(1332.0)
+def test_official_resize_rule(h, w, mn, mx, exp):
+    assert resized_hw(h, w, mn, mx) == exp
+
+
+# --- predict ---------------------------------------------------------------------------------------------------
+def test_predict_result_and_exports(pred, scene):
+    res = pred.predict(scene, PROMPT, threshold=0.4)
+    assert len(res) > 0 and (np.diff(res.scores) <= 0).all() and (res.scores > 0.4).all()
+    W, H = scene.size
+    assert (res.boxes[:, [0, 2]] >= 0).all() and (res.boxes[:, [0, 2]] <= W).all() and (res.boxes[:, [1, 3]] <= H).all()
+    assert res.prompt.caption == "red circle . blue square . person . yellow hexagon . "
+    assert set(res.phrases) <= set(res.prompt.phrases)
+    det = res.to_supervision()
+    assert len(det) == len(res) and list(det.data["class_name"]) == res.phrases
+    js = res.to_json()
+    assert json.loads(json.dumps(js)) == js
+    for d in js:
+        b, e = d["span"]
+        assert res.prompt.caption[b:e] == d["phrase"] and set(d) == {"box", "score", "phrase", "span"}
+    coco = res.to_coco()
+    assert len(coco["annotations"]) == len(res) and coco["images"][0]["width"] == W
+    # token scores: one row per box, phrase tokens of the box's own phrase are scored
+    assert res.token_scores.shape == (len(res), len(res.tokens))
+    assert res.tokens[0].text == "[CLS]" and res.tokens[-1].text == "[SEP]"
+
+
+def test_rethreshold_and_one_sided_changes_skip_the_network(pred, scene):
+    pred.predict(scene, PROMPT, threshold=0.5)
+    assert pred.stats == {"image_runs": 1, "text_runs": 1, "head_runs": 1}
+    low = pred.predict(scene, PROMPT, threshold=0.3, nms_iou=0.5, max_dets=20)
+    assert pred.stats == {"image_runs": 1, "text_runs": 1, "head_runs": 1}  # post-processing only
+    assert len(low) <= 20
+    pred.predict(scene, "a person next to a red circle")  # new prompt: image features reused
+    assert pred.stats["image_runs"] == 1 and pred.stats["text_runs"] == 2
+    pred.predict(np.asarray(scene)[::-1].copy(), PROMPT)  # new image: text features reused
+    assert pred.stats["image_runs"] == 2 and pred.stats["text_runs"] == 2
+
+
+def test_fusion_ablation_changes_the_prediction(pred, scene):
+    on = pred.predict(scene, PROMPT, threshold=0.0, max_dets=10)
+    off = pred.predict(scene, PROMPT, threshold=0.0, max_dets=10, fusion=False)
+    again = pred.predict(scene, PROMPT, threshold=0.0, max_dets=10)
+    assert not np.allclose(on.scores, off.scores)
+    assert np.array_equal(on.scores, again.scores)  # the switch is restored
+    assert all(f.enabled for f in pred.model.rpn.head.fusion_layers)
+
+
+def test_batch_is_one_padded_forward(pred, scene):
+    small = scene.resize((scene.width // 2, scene.height // 2))
+    batch = pred.predict([scene, small], [PROMPT, "person"], threshold=0.3)
+    assert len(batch) == 2 and pred.stats["head_runs"] == 1
+    single = pred.predict(scene, PROMPT, threshold=0.3)
+    # the largest image sets the padding, so its own result equals the single run
+    np.testing.assert_allclose(batch[0].boxes, single.boxes, atol=1e-3)
+    assert set(batch[1].phrases) <= {"person"}
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pred.predict([scene, small], PROMPT)
+
+
+def test_prompts_longer_than_the_query_are_chunked_and_merged(pred, scene):
+    names = [f"object number {i}" for i in range(90)] + ["person"]  # ~ 460 tokens
+    res = pred.predict(scene, names, threshold=0.0, max_dets=300)
+    assert len(res.prompt.phrases) == 91 and pred.stats["head_runs"] >= 2
+    assert res.phrase_ids.max() <= 90 and len(set(res.phrase_ids.tolist())) > 1
+    # token scores of a box are filled exactly for its own phrase's tokens (mapped back from its chunk)
+    i = int(np.argmax(res.phrase_ids == 90)) if (res.phrase_ids == 90).any() else 0
+    pid = int(res.phrase_ids[i])
+    b, e = res.prompt.spans[pid][0]
+    own = [t.index for t in res.tokens if b <= t.start < e]
+    assert not np.isnan(res.token_scores[i, own]).any()
+
+
+def test_bad_prompts_and_settings(pred, scene):
+    for bad in ("", "   ", []):
+        with pytest.raises(PromptError):
+            pred.predict(scene, bad)
+    with pytest.raises(PromptError, match="not in the caption"):
+        pred.predict(scene, "a red circle", phrases=["giraffe"])
+    with pytest.raises(ValueError, match="threshold"):
+        pred.predict(scene, PROMPT, threshold=1.5)
+    with pytest.raises(ValueError, match="NMS"):
+        pred.predict(scene, PROMPT, nms_iou=0)
+    with pytest.raises(ValueError, match="Input size"):
+        pred.predict(scene, PROMPT, min_size=8)
+    with pytest.raises(ValueError, match="precision"):
+        pred.predict(scene, PROMPT, precision="fp8")
+
+
+def test_token_heatmaps(pred, scene):
+    res = pred.predict(scene, from_categories(["red circle", "person"]), threshold=0.0)
+    levels, combined = pred.token_heatmaps(res, phrase=1)
+    assert len(levels) == 5 and combined.shape == (scene.height, scene.width)
+    assert 0 <= float(combined.min()) and float(combined.max()) <= 1
+    h, w = res.states[0].hw
+    assert levels[0].shape == (-(-h // 8), -(-w // 8))
+
+
+def test_cli_predict_json(tiny_fixture, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "glip", "predict", "--model", str(tiny_fixture / "model.pth"),
+                          "--config", str(tiny_fixture / "config.json"), "--image", str(tiny_fixture / "image.png"),
+                          "--prompt", PROMPT, "--threshold", "0.5", "--json", "--out", str(tmp_path / "o.png")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    js = json.loads(out.stdout)
+    assert js["caption"].startswith("red circle") and all(d["score"] > 0.5 for d in js["detections"])
+    assert Image.open(tmp_path / "o.png").size == Image.open(tiny_fixture / "image.png").size
+    bad = subprocess.run([sys.executable, "-m", "glip", "predict", "--model", str(tiny_fixture / "model.pth"),
+                          "--config", str(tiny_fixture / "config.json"), "--image", str(tmp_path / "none.png"),
+                          "--prompt", PROMPT], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bf16_autocast_on_cpu_stays_finite(pred, scene):
+    res = pred.predict(scene, PROMPT, threshold=0.0, max_dets=5, precision="bf16")
+    assert np.isfinite(res.scores).all() and np.isfinite(res.boxes).all()
+    ref = pred.predict(scene, PROMPT, threshold=0.0, max_dets=5)
+    assert abs(float(res.scores[0]) - float(ref.scores[0])) < 0.05
+    assert torch.get_default_dtype() == torch.float32
