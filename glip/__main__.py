@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     s.add_argument("--max-dets", type=int, default=100)
     s.add_argument("--min-size", type=int, default=None)
     s.add_argument("--max-size", type=int, default=None)
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", default=None, help="write the annotated image here")
     s.set_defaults(fn=cmd_predict)

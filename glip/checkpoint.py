@@ -240,6 +240,8 @@ def load_model(src, config=None, device=None, dtype=None):
         raise CheckpointError(f"Unknown model {src_s!r}: not a file, folder, preset or shipped model ({known}), "
                               "nor a Hugging Face 'owner/repo/file.pth'")
     model.eval()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

@@ -70,8 +70,9 @@ class GLIP(nn.Module):
 
     # --- conveniences (implemented in checkpoint.py / predictor.py) ---------------------------------
     @classmethod
-    def from_pretrained(cls, src, config=None, device=None, dtype=None) -> "GLIP":
-        """Official .pth, preset name, shipped model name, our safetensors folder, or HF 'repo/file'."""
+    def from_pretrained(cls, src, config=None, device="auto", dtype=None) -> "GLIP":
+        """Official .pth, preset name, shipped model name, our safetensors folder, or HF 'owner/repo/file.pth'.
+        device "auto" picks CUDA when available; predictions then run there (fp16/bf16 via predict(precision=))."""
         from .checkpoint import load_model
 
         return load_model(src, config=config, device=device, dtype=dtype)

@@ -33,6 +33,7 @@ class Row:
 class ParityReport:
     rows: list[Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    not_compared: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -43,7 +44,9 @@ class ParityReport:
         for r in self.rows:
             lines.append(f"{r.name:32s} {r.max_abs:10.2e} {r.max_rel:10.2e}  {'ok' if r.ok else 'MISMATCH'} {r.note}")
         if self.skipped:
-            lines.append("skipped (absent from io.pt or not recognised): " + ", ".join(self.skipped))
+            lines.append("skipped (absent from io.pt): " + ", ".join(self.skipped))
+        if self.not_compared:
+            lines.append("in io.pt but not compared (inputs / metadata / unrecognised): " + ", ".join(self.not_compared))
         lines.append("PARITY OK" if self.ok else "PARITY FAILED")
         return "\n".join(lines)
 
@@ -117,6 +120,10 @@ def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3) -> P
         seen.add("positive_map")
         for i, (pm, ref) in enumerate(zip(pmaps, io["positive_map"])):
             rep.rows.append(compare(f"positive_map[{i}]", pm, ref, atol, rtol))
+    if "labels" in io:
+        seen.add("labels")
+        ours_l, ref_l = [list(range(1, len(p) + 1)) for p in prompts], [[int(x) for x in r] for r in io["labels"]]
+        rep.rows.append(Row("labels", ours_l == ref_l, note="" if ours_l == ref_l else f"{ours_l} vs {ref_l}"))
     if "positive_map_label_to_token" in io:
         seen.add("positive_map_label_to_token")
         for i, (pm, ref) in enumerate(zip(pmaps, io["positive_map_label_to_token"])):
@@ -184,6 +191,7 @@ def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3) -> P
         if f"{prefix}.boxes_resized" in io:
             ref_r = dict(ref, boxes=io[f"{prefix}.boxes_resized"])
             rep.rows.append(compare_detections(f"{prefix}.boxes_resized", det.boxes, det.scores, det.labels + 1, ref_r))
+        seen.update(f"{prefix}.{k}" for k in ("boxes", "scores", "labels", "boxes_resized"))
         for key, val in (("n_pre_nms", det.n_pre_nms), ("n_after_nms", det.n_after_nms)):
             if f"{prefix}.{key}" in io:
                 seen.add(f"{prefix}.{key}")
@@ -192,4 +200,8 @@ def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3) -> P
             seen.add(f"{prefix}.candidates_per_level")
             ours, ref_c = list(det.candidates_per_level), [int(x) for x in io[f"{prefix}.candidates_per_level"]]
             rep.rows.append(Row(f"{prefix}.candidates_per_level", ours == ref_c, note="" if ours == ref_c else f"{ours} vs {ref_c}"))
+    used_as_input = {"caption", "captions", "entity_names", "tokens_positive", "min_size_test", "max_size_test"}
+    used_as_input |= {k for k in io if k.startswith("post.")}
+    seen |= used_as_input
+    rep.not_compared = sorted(k for k in io if k not in seen)
     return rep

@@ -75,8 +75,12 @@ def _autocast(device: torch.device, precision: str):
 
 
 class Predictor:
-    def __init__(self, model, image_cache: int = 4, text_cache: int = 64, head_cache: int = 8):
+    def __init__(self, model, image_cache: int = 4, text_cache: int = 64, head_cache: int = 8, crop_text: bool = True):
         self.model = model
+        # BERT and the head run on the longest prompt of the batch instead of all 256 positions. Padded positions
+        # are masked wherever they could reach a real token (BERT and fusion-layer self-attention, image→text
+        # softmax), so every real token's result is unchanged; X-MHA cost scales with the token count.
+        self.crop_text = crop_text
         self.images, self.texts, self.heads = LRU(image_cache), LRU(text_cache), LRU(head_cache)
         self.stats = {"image_runs": 0, "text_runs": 0, "head_runs": 0}
         self.lock = threading.RLock()  # caches and the fusion switch are shared: one request at a time
@@ -130,7 +134,11 @@ class Predictor:
         text = self.texts.get(key)
         if text is None:
             enc = tokenize(captions, max_len=self.model.config.max_query_len)
-            text = self.model.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if self.crop_text:
+                n = int(mask.sum(1).max())
+                ids, mask = ids[:, :n], mask[:, :n]
+            text = self.model.encode_text(ids.to(self.device), mask.to(self.device))
             self.stats["text_runs"] += 1
             self.texts.put(key, text)
         return text
@@ -231,7 +239,7 @@ class Predictor:
         boxes, scores, labels, tok_scores = [], [], [], []
         tokens = prompt_tokens(full, cfg.max_query_len)
         for st in states:
-            pmap = positive_map(st.prompt, max_len=cfg.max_query_len)
+            pmap = positive_map(st.prompt, max_len=cfg.max_query_len)[:, : st.head.text.shape[1]]
             det = atss_postprocess([t[0] for t in st.head.token_logits], [t[0] for t in st.head.bbox_reg],
                                    [t[0] for t in st.head.centerness], st.anchors, pmap, st.hw, self.model.box_coder,
                                    cfg.inference_th, cfg.pre_nms_top_n, nms_iou, max_dets)

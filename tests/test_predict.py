@@ -199,3 +199,17 @@ def test_bf16_autocast_on_cpu_stays_finite(pred, scene):
     ref = pred.predict(scene, PROMPT, threshold=0.0, max_dets=5)
     assert abs(float(res.scores[0]) - float(ref.scores[0])) < 0.05
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_cropping_text_to_the_prompt_length_changes_nothing(tiny_model, scene):
+    """The fast path (BERT + head on the real tokens only) equals the official 256-position run."""
+    fast = Predictor(tiny_model, crop_text=True).predict(scene, PROMPT, threshold=0.3, output_attentions=True)
+    full = Predictor(tiny_model, crop_text=False).predict(scene, PROMPT, threshold=0.3, output_attentions=True)
+    assert fast.states[0].head.text.shape[1] < full.states[0].head.text.shape[1] == 256
+    assert len(fast) == len(full) and (fast.phrase_ids == full.phrase_ids).all()
+    np.testing.assert_allclose(fast.boxes, full.boxes, atol=1e-3)
+    np.testing.assert_allclose(fast.scores, full.scores, atol=1e-5)
+    np.testing.assert_allclose(fast.token_scores, full.token_scores, atol=1e-5)
+    for a, b in zip(fast.attentions, full.attentions):
+        torch.testing.assert_close(a.image_to_text, b.image_to_text, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(a.text_to_image, b.text_to_image, atol=1e-6, rtol=1e-4)
