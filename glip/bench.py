@@ -42,7 +42,7 @@ def run_bench(preset: str = "glip-t", height: int = 800, width: int = 1333, runs
     prompt = from_categories(NAMES)
     enc = tokenize(prompt.caption, max_len=cfg.max_query_len)
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-    pmap = positive_map(prompt)
+    pmap = positive_map(prompt, max_len=cfg.max_query_len)
     pred = model.predictor
     entry = pred.prepare_image(image, min_size=min(height, width), max_size=max(height, width))
     x = entry.tensor[None].to(dev)
@@ -56,8 +56,11 @@ def run_bench(preset: str = "glip-t", height: int = 800, width: int = 1333, runs
         head = model.ground(feats, text)
         anchors = model.anchors(feats)
         rows.append(("backbone (Swin + FPN)", *_time(lambda: model.encode_image(x), runs, sync)))
-        rows.append(("language (BERT, 256 tokens)", *_time(lambda: model.encode_text(ids, mask), runs, sync)))
-        rows.append(("head (DyHead + S_ground)", *_time(lambda: model.ground(feats, text), runs, sync)))
+        n = int(mask.sum())
+        text_c = model.encode_text(ids[:, :n], mask[:, :n])
+        rows.append((f"language (BERT, {ids.shape[1]} tokens)", *_time(lambda: model.encode_text(ids, mask), runs, sync)))
+        rows.append((f"head (DyHead + S_ground, {ids.shape[1]} tokens)", *_time(lambda: model.ground(feats, text), runs, sync)))
+        rows.append((f"head, text cropped to the prompt ({n} tokens)", *_time(lambda: model.ground(feats, text_c), runs, sync)))
         post = lambda: atss_postprocess([t[0] for t in head.token_logits], [t[0] for t in head.bbox_reg],  # noqa: E731
                                         [t[0] for t in head.centerness], anchors, pmap, entry.hw, model.box_coder)
         rows.append(("post-processing (ATSS + NMS)", *_time(post, runs, sync)))
