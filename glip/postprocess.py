@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .boxes import BoxCoder, batched_nms, clip_boxes
+from .prompts import phrase_scores
 
 
 @dataclass
@@ -29,13 +30,6 @@ class RawDetections:
     candidates_per_level: tuple[int, ...] = ()
 
 
-def phrase_probs(token_logits: torch.Tensor, pmap: torch.Tensor) -> torch.Tensor:
-    """(L, T) logits, (P, T) positive map → (L, P) mean sigmoid over each phrase's tokens."""
-    m = (pmap > 0).to(token_logits.dtype)
-    counts = m.sum(-1).clamp(min=1)
-    return (token_logits.sigmoid() @ m.T) / counts
-
-
 def atss_postprocess(token_logits: list[torch.Tensor], bbox_reg: list[torch.Tensor], centerness: list[torch.Tensor],
                      anchors: list[torch.Tensor], pmap: torch.Tensor, image_hw: tuple[int, int],
                      box_coder: BoxCoder | None = None, inference_th: float = 0.05, pre_nms_top_n: int = 1000,
@@ -45,7 +39,7 @@ def atss_postprocess(token_logits: list[torch.Tensor], bbox_reg: list[torch.Tens
     h, w = image_hw
     all_boxes, all_scores, all_labels, all_level, all_loc, cands = [], [], [], [], [], []
     for lvl, (logit, reg, ctr, anc) in enumerate(zip(token_logits, bbox_reg, centerness, anchors)):
-        prob = phrase_probs(logit.float(), pmap)                     # (HW, P)
+        prob = phrase_scores(logit.float(), pmap)                     # (HW, P)
         reg = reg.float().permute(1, 2, 0).reshape(-1, 4)
         ctr = ctr.float().reshape(-1).sigmoid()
         cand = prob > inference_th
