@@ -47,7 +47,8 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
     px = base_x + off[:, :, 1]
     grid = torch.stack(((2 * px + 1) / W - 1, (2 * py + 1) / H - 1), dim=-1).view(B, K * Ho, Wo, 2)
     cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    cols = cols.view(B, C, K, Ho * Wo) * mask.reshape(B, 1, K, Ho * Wo)
+    cols, m = cols.view(B, C, K, Ho * Wo), mask.reshape(B, 1, K, Ho * Wo)
+    cols = cols * m if torch.is_grad_enabled() else cols.mul_(m)  # in place at inference: one less (C·K·HW) tensor
     out = weight.reshape(O, C * K) @ cols.view(B, C * K, Ho * Wo)
     if bias is not None:
         out = out + bias.view(1, O, 1)
