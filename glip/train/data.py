@@ -1,0 +1,189 @@
+"""Training data over the synthetic world (issue 3).
+
+Three sources, one item format:
+
+* ``GoldDetection``  — gold_det scenes as grounding: the prompt lists the categories present plus
+  sampled absent ones (negatives), shuffled, joined with ". " (eval style, no trailing separator),
+  exactly as the world's `detection_prompt` lays it out (GLIP's `od_to_grounding`).
+* ``GoldGrounding``  — gold_ground scenes: caption + phrase char spans → boxes.
+* ``PseudoGrounding`` — web scenes re-rendered from (split, index, seed) encoded in the ODVG
+  ``filename`` that `glip.pseudo` writes; regions (boxes, spans, scores) come ONLY from that file,
+  never from the sample's hidden boxes.
+
+Each item is a dict: ``image`` (3, h, w) normalised BGR tensor at the model's input size (official
+preprocessing, `glip.image.to_tensor`), ``caption``, ``positive_map`` (G, T) binary (from the char
+spans through `glip.prompts.positive_map`), ``boxes`` (G, 4) xyxy in the resized frame. `collate`
+pads the images with `batch_images` (bottom/right zeros, multiple of 32) and tokenises the batch.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from glip.data import GOLD_CATEGORIES, from_odvg, make_sample
+from glip.data.captions import detection_prompt
+from glip.image import batch_images, to_tensor
+from glip.prompts import Prompt, positive_map, tokenize
+
+_SPATIAL = re.compile(r"\b(left|right)\b")
+_FILENAME = re.compile(r"^(?P<split>[a-z_]+)_s(?P<seed>\d+)_(?P<index>\d+)\.png$")
+
+
+def parse_filename(name: str) -> tuple[str, int, int]:
+    """`web_s0_000012.png` → ("web", 0, 12): the world rebuilds any sample from these three."""
+    m = _FILENAME.match(Path(name).name)
+    if not m:
+        raise ValueError(f"not a synthetic-world file name: {name!r}")
+    return m["split"], int(m["seed"]), int(m["index"])
+
+
+class InputSpec:
+    """What the model's preprocessing needs (from a GLIPConfig)."""
+
+    def __init__(self, cfg):
+        self.min_size, self.max_size = cfg.min_size_test, cfg.max_size_test
+        self.mean, self.std = cfg.pixel_mean, cfg.pixel_std
+        self.max_len, self.divisibility = cfg.max_query_len, cfg.size_divisibility
+
+
+def make_item(image: Image.Image, caption: str, spans: list[list[tuple[int, int]]], boxes: list,
+              spec: InputSpec, flip: bool = False) -> dict:
+    """One training item from a PIL image, a caption and G grounded regions (spans + xyxy box each)."""
+    W, H = image.size
+    boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        boxes_t = torch.stack([W - boxes_t[:, 2], boxes_t[:, 1], W - boxes_t[:, 0], boxes_t[:, 3]], dim=1)
+    x = to_tensor(image, spec.min_size, spec.max_size, spec.mean, spec.std)
+    h, w = x.shape[1:]
+    boxes_t = boxes_t * torch.tensor([w / W, h / H, w / W, h / H])
+    if spans:
+        prompt = Prompt(caption, [caption[s[0][0]:s[0][1]] for s in spans], spans)
+        pmap = (positive_map(prompt, max_len=spec.max_len) > 0).float()
+    else:
+        pmap = torch.zeros(0, spec.max_len)
+    return {"image": x, "caption": caption, "positive_map": pmap, "boxes": boxes_t}
+
+
+def can_flip(caption: str) -> bool:
+    """A horizontal flip would make "left"/"right" lie: such captions are not flipped."""
+    return not _SPATIAL.search(caption)
+
+
+class _WorldDataset(Dataset):
+    split = ""
+
+    def __init__(self, cfg, n: int, seed: int = 0, flip_prob: float = 0.5, offset: int = 0):
+        self.spec, self.n, self.seed, self.flip_prob, self.offset = InputSpec(cfg), n, seed, flip_prob, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _flip(self, index: int, caption: str) -> bool:
+        if self.flip_prob <= 0 or not can_flip(caption):
+            return False
+        rng = np.random.default_rng([self.seed, 7919, index])
+        return bool(rng.random() < self.flip_prob)
+
+
+class GoldDetection(_WorldDataset):
+    """gold_det as grounding. Only phrases with boxes become regions; the negatives stay in the prompt
+    (their tokens are focal-loss negatives for every anchor)."""
+
+    split = "gold_det"
+
+    def __init__(self, cfg, n: int, seed: int = 0, flip_prob: float = 0.5, offset: int = 0,
+                 negatives: tuple[int, int] | None = None):
+        super().__init__(cfg, n, seed, flip_prob, offset)
+        self.negatives = negatives  # None: the world's own sampling (2..8 absent categories)
+
+    def __getitem__(self, i: int) -> dict:
+        idx = i + self.offset
+        s = make_sample(self.split, idx, self.seed)
+        caption, phrases = s.caption, s.phrases
+        if self.negatives is not None:
+            rng = np.random.default_rng([self.seed, 104729, idx])
+            k = int(rng.integers(self.negatives[0], self.negatives[1] + 1))
+            caption, phrases = detection_prompt(s.objs, GOLD_CATEGORIES, rng, k)
+        spans, boxes = [], []
+        for p in phrases:
+            for b in p.box_ids:
+                spans.append([p.span])
+                boxes.append(s.objs[b].box)
+        return make_item(s.image, caption, spans, boxes, self.spec, self._flip(idx, caption))
+
+
+class GoldGrounding(_WorldDataset):
+    split = "gold_ground"
+
+    def __getitem__(self, i: int) -> dict:
+        idx = i + self.offset
+        s = make_sample(self.split, idx, self.seed)
+        spans, boxes = [], []
+        for p in s.phrases:
+            for b in p.box_ids:
+                spans.append([p.span])
+                boxes.append(s.objs[b].box)
+        return make_item(s.image, s.caption, spans, boxes, self.spec, self._flip(idx, s.caption))
+
+
+class PseudoGrounding(Dataset):
+    """Pseudo-labelled web pairs from an ODVG file: the image is re-rendered from its file name (or read
+    from `image_dir` when given); regions — and only they — supervise. Records without a region are
+    dropped (official CAPTION_MIN_BOX 1); regions below `min_score` are dropped (FURTHER_SCREEN)."""
+
+    def __init__(self, cfg, odvg_path: str | Path, min_score: float = 0.0, flip_prob: float = 0.5,
+                 image_dir: str | Path | None = None):
+        self.spec, self.flip_prob = InputSpec(cfg), flip_prob
+        self.image_dir = Path(image_dir) if image_dir else None
+        self.records = []
+        for r in from_odvg(odvg_path):
+            regions = [g for g in r["grounding"]["regions"] if g.get("score", 1.0) >= min_score]
+            if regions:
+                self.records.append({**r, "grounding": {**r["grounding"], "regions": regions}})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _image(self, filename: str) -> Image.Image:
+        if self.image_dir is not None and (self.image_dir / filename).is_file():
+            return Image.open(self.image_dir / filename).convert("RGB")
+        split, seed, index = parse_filename(filename)
+        return make_sample(split, index, seed).image  # pixels only; the hidden objs are not read
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        caption = r["grounding"]["caption"]
+        spans = [[tuple(sp) for sp in g["tokens_positive"]] for g in r["grounding"]["regions"]]
+        boxes = [g["bbox"] for g in r["grounding"]["regions"]]
+        flip = False
+        if self.flip_prob > 0 and can_flip(caption):
+            flip = bool(np.random.default_rng([i, 31337]).random() < self.flip_prob)
+        return make_item(self._image(r["filename"]), caption, spans, boxes, self.spec, flip)
+
+
+class Collate:
+    """Pad images (`batch_images`), tokenise captions at `max_len`, then cut every text tensor to the
+    longest caption of the batch. That cut is exact: padded tokens are masked in BERT, in the image→text
+    softmax and in the fusion BERT layers, and carry no loss."""
+
+    def __init__(self, cfg):
+        self.max_len, self.divisibility = cfg.max_query_len, cfg.size_divisibility
+
+    def __call__(self, items: list[dict]) -> dict:
+        images, sizes = batch_images([it["image"] for it in items], self.divisibility)
+        enc = tokenize([it["caption"] for it in items], max_len=self.max_len)
+        T = max(int(enc["attention_mask"].sum(1).max()), 1)
+        targets = [{"boxes": it["boxes"], "positive_map": it["positive_map"][:, :T]} for it in items]
+        return {"images": images, "sizes": sizes, "input_ids": enc["input_ids"][:, :T],
+                "attention_mask": enc["attention_mask"][:, :T], "targets": targets,
+                "captions": [it["caption"] for it in items]}
+
+
+__all__ = ["GoldDetection", "GoldGrounding", "PseudoGrounding", "Collate", "make_item", "parse_filename",
+           "can_flip", "InputSpec"]

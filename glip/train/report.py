@@ -1,0 +1,184 @@
+"""Measure the shipped models and write `assets/metrics.json` (what the model card and the app show).
+
+    python -m glip.train.report --teacher runs/teacher/model --student runs/student/model \
+        --pseudo runs/pseudo/web.jsonl --seed 1 --n 200 --out assets/metrics.json
+
+Measures: test_det AP/AP50, test_ground and test_novel R@1/R@5 for both models on fresh-seed scenes;
+pseudo-label count and precision (against the web split's hidden truth, reporting only) with a threshold
+sweep; the prompt-engineering table (novel word bare / with a description / replaced by a description);
+CPU predict latency on one scene (median of repeated runs, caches cleared); training time and loss curves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glip.boxes import box_iou
+from glip.data import NOVEL_WORDS, make_sample
+from glip.prompts import Prompt
+
+# "X, which is <description>" (GLIP §7.2's "stingray, which is flat and round") and a known-words paraphrase
+DESCRIPTIONS = {
+    "crescent": "a curved moon shape", "cross": "a plus sign shape", "diamond": "a square standing on its corner",
+    "turquoise": "a blue green colour", "pink": "a light red colour",
+}
+PARAPHRASES = {"crescent": "curved moon", "cross": "plus sign", "diamond": "tilted square",
+               "turquoise": "blue green", "pink": "light red"}
+
+
+def _novel_target(s):
+    p = next(p for p in s.phrases if p.box_ids)
+    word = next(w for w in p.text.split() if w in NOVEL_WORDS)
+    return p, word
+
+
+def prompt_variants(s) -> dict[str, Prompt]:
+    p, word = _novel_target(s)
+    whole = lambda text: Prompt(text, [text], [[(0, len(text))]])  # noqa: E731
+    described = f"{p.text}, which is {DESCRIPTIONS[word]}"
+    return {
+        "caption (as in test_novel)": Prompt(s.caption, [p.text], [[tuple(p.span)]]),
+        "bare phrase": whole(p.text),
+        "phrase + description": Prompt(described, [p.text], [[(0, len(p.text))]]),
+        "description only (word replaced)": whole(p.text.replace(word, PARAPHRASES[word])),
+    }
+
+
+@torch.no_grad()
+def prompt_engineering(model, samples, batch_size: int = 8) -> dict[str, float]:
+    """R@1 on the test_novel target for each prompt variant."""
+    from glip.evaluate import EVAL_INFERENCE_TH, _inference_th
+
+    names = list(prompt_variants(samples[0]))
+    hits = {n: 0 for n in names}
+    with _inference_th(model, EVAL_INFERENCE_TH):
+        for name in names:
+            for i in range(0, len(samples), batch_size):
+                chunk = samples[i:i + batch_size]
+                res = model.predict([s.image for s in chunk], [prompt_variants(s)[name] for s in chunk], threshold=0.0)
+                for s, r in zip(chunk, res):
+                    p, _ = _novel_target(s)
+                    if len(r) == 0:
+                        continue
+                    gt = torch.tensor([s.objs[b].box for b in p.box_ids], dtype=torch.float32)
+                    top = torch.as_tensor(r.boxes[:1], dtype=torch.float32)
+                    hits[name] += bool((box_iou(top, gt) >= 0.5).any())
+        model.predictor.clear_cache()
+    return {n: hits[n] / len(samples) for n in names}
+
+
+def latency(model, runs: int = 10, threads: int = 2) -> dict:
+    """Median wall time of model.predict on one 320 px test scene, caches cleared before every run."""
+    torch.set_num_threads(threads)
+    s = make_sample("test_det", 0, 4242)
+    g = make_sample("test_ground", 0, 4242)
+    out = {"threads": threads, "runs": runs}
+    for name, (img, prompt) in {"detection prompt (36 categories)": (s.image, s.caption),
+                                "grounding caption": (g.image, g.caption)}.items():
+        model.predict(img, prompt)  # warm-up
+        times = []
+        for _ in range(runs):
+            model.predictor.clear_cache()
+            t0 = time.perf_counter()
+            model.predict(img, prompt, threshold=0.5)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"median_ms": round(1000 * statistics.median(times), 1), "min_ms": round(1000 * min(times), 1)}
+    model.predictor.clear_cache()
+    return out
+
+
+def curve(run_dir: Path, every: int = 10) -> list[list[float]]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    rows = [r for r in rows if "loss" in r]
+    out, acc = [], []
+    for r in rows:
+        acc.append(r["loss"])
+        if r["step"] % every == 0:
+            out.append([r["step"], round(float(np.mean(acc)), 4)])
+            acc = []
+    return out
+
+
+def quick_evals(run_dir: Path) -> list[dict]:
+    """The periodic quick evaluations logged during training (24 test_ground / 12 test_det scenes, seed 12345)."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [{"step": r["step"], **r["eval"]} for r in rows if "eval" in r]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="toy-teacher")
+    ap.add_argument("--student", default="toy-student")
+    ap.add_argument("--pseudo", default="runs/pseudo/web.jsonl")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n-prompt", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="assets/metrics.json")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["eval", "prompt", "latency", "pseudo"])
+    ap.add_argument("--roles", nargs="*", default=["teacher", "student"], choices=["teacher", "student"],
+                    help="models to (re)measure; the other entries of an existing --out are kept")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from glip.evaluate import evaluate, format_table
+    from glip.model import GLIP
+    from glip.pseudo import sweep
+    from glip.data import from_odvg
+
+    out_path = Path(a.out)
+    report = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    report["eval"] = {"seed": a.seed, "n": a.n, "iou": 0.5, "note": "fresh-seed scenes (training uses world seed 0)"}
+    srcs = {"teacher": a.teacher, "student": a.student}
+    models = {role: GLIP.from_pretrained(srcs[role]) for role in a.roles}
+    for role, src in ((r, srcs[r]) for r in a.roles):
+        entry = report.setdefault(role, {})
+        entry["model"] = str(src)
+        run = Path("runs") / role
+        if (run / "summary.json").is_file():
+            summ = json.loads((run / "summary.json").read_text())
+            entry["train_minutes"], entry["steps"] = summ["train_minutes"], summ["steps"]
+            entry["loss_curve"] = curve(run)
+            entry["quick_eval"] = quick_evals(run)
+        if "eval" not in a.skip:
+            entry["metrics"] = evaluate(models[role], "all", n=a.n, seed=a.seed, progress=True)
+            print(role, "\n" + format_table(entry["metrics"]), flush=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=1))
+    if "pseudo" not in a.skip and Path(a.pseudo).is_file():
+        recs = from_odvg(a.pseudo)
+        n_boxes = sum(len(r["grounding"]["regions"]) for r in recs)
+        report["pseudo_labels"] = {"file": a.pseudo, "n_images": len(recs), "n_boxes": n_boxes,
+                                   "sweep": sweep(recs, (0.3, 0.4, 0.45, 0.48, 0.5, 0.52, 0.55))}
+        print("pseudo", json.dumps(report["pseudo_labels"]["sweep"]), flush=True)
+        out_path.write_text(json.dumps(report, indent=1))
+    if "prompt" not in a.skip and len(models) == 2:
+        samples = [make_sample("test_novel", i, a.seed) for i in range(a.n_prompt)]
+        table = {role: prompt_engineering(m, samples) for role, m in models.items()}
+        report["prompt_engineering"] = {"split": "test_novel", "n": a.n_prompt, "metric": "R@1",
+                                        "descriptions": DESCRIPTIONS, "paraphrases": PARAPHRASES,
+                                        "rows": [{"prompt": k, "teacher": round(table["teacher"][k], 3),
+                                                  "student": round(table["student"][k], 3)} for k in table["teacher"]]}
+        print("prompt", json.dumps(report["prompt_engineering"]["rows"]), flush=True)
+        out_path.write_text(json.dumps(report, indent=1))
+    if "latency" not in a.skip and "student" in models:
+        report["latency"] = {"device": "cpu", "model": a.student, **latency(models["student"], threads=a.threads)}
+        print("latency", json.dumps(report["latency"]), flush=True)
+    out_path.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

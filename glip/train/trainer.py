@@ -1,0 +1,327 @@
+"""Training loop for the small GLIP (issue 3): teacher on gold data, student on gold + pseudo-labels.
+
+All knobs live in `TrainConfig`; `CONFIGS` holds the named ones (`--config teacher|student`).
+
+* AdamW; biases and norm weights without weight decay; the text encoder (MiniLM) frozen by default
+  (`text_lr = 0`): it is pretrained on far more text than the world holds, freezing it keeps the novel
+  words' embeddings where MiniLM put them (what lets the student learn them from pseudo-labels without
+  drifting the known ones) and BERT needs no backward (its features are computed under no_grad).
+* Linear warm-up, then cosine decay to `min_lr_ratio`. Progress is max(step / steps, elapsed /
+  time budget): on a shared CPU the schedule still completes inside `max_minutes`.
+* Gradient clipping (L2 1.0), optional EMA (the shipped weights are the EMA ones), seeded: the batch of
+  step s is a pure function of (seed, s), so `--resume` continues the same data stream.
+* A checkpoint (model, EMA, optimizer, step, elapsed time) every `ckpt_every` steps to `<out>/last.pt`;
+  at the end `<out>/model/` in our format (text encoder excluded) and `<out>/log.jsonl`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from glip.train.data import Collate, GoldDetection, GoldGrounding, PseudoGrounding
+from glip.train.losses import glip_loss
+
+
+@dataclass
+class TrainConfig:
+    name: str = "teacher"
+    model: str = "toy"                      # preset name (architecture + input size)
+    model_overrides: dict = field(default_factory=dict)  # GLIPConfig fields replaced on the preset (tests)
+    init_from: str | None = None            # start from these weights (a folder / shipped name) instead of scratch
+    steps: int = 1000
+    max_minutes: float = 35.0               # time budget; the LR schedule is stretched/compressed to fit
+    batch_size: int = 8
+    lr: float = 4e-4
+    text_lr: float = 0.0                    # 0 = MiniLM frozen (no grads, no backward through it)
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    clip_grad: float = 1.0
+    ema: float = 0.998                      # 0 = off
+    seed: int = 0
+    # data
+    gold_seed: int = 0                      # world seed of the training scenes (evaluation uses others)
+    n_gold_det: int = 20000
+    n_gold_ground: int = 20000
+    pseudo: str | None = None               # ODVG JSONL written by `python -m glip pseudo-label`
+    pseudo_min_score: float = 0.0           # extra screening at load time (FURTHER_SCREEN)
+    mix: tuple[float, float, float] = (0.5, 0.5, 0.0)  # P(gold_det), P(gold_ground), P(pseudo) per item
+    flip_prob: float = 0.5
+    # bookkeeping
+    ckpt_every: int = 200
+    eval_every: int = 250                   # quick evaluation (0 = off)
+    eval_n: int = 24
+    num_threads: int = 1
+    num_workers: int = 1                    # one prefetching worker builds the next batches
+    out: str = "runs/teacher"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CONFIGS: dict[str, TrainConfig] = {
+    "teacher": TrainConfig(),
+    # The student starts from the teacher (a deviation from the paper, which trains it from scratch: on 2 CPU
+    # cores there is no time for that) with a fresh LR cycle, and sees gold + pseudo-labelled web data.
+    "student": TrainConfig(name="student", init_from="runs/teacher/model", steps=1800, max_minutes=40.0, lr=4e-4,
+                           warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
+                           mix=(0.35, 0.35, 0.30), out="runs/student"),
+    # a few seconds: tests and smoke runs
+    "tiny": TrainConfig(name="tiny", steps=6, batch_size=2, warmup_steps=1, max_minutes=5.0, ema=0.0,
+                        n_gold_det=16, n_gold_ground=16, ckpt_every=3, eval_every=0, num_workers=0,
+                        out="runs/tiny"),
+}
+
+
+def get_config(name: str, **overrides) -> TrainConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown train config {name!r}; known: {sorted(CONFIGS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# data stream
+# --------------------------------------------------------------------------------------------------
+class StepBatches(Dataset):
+    """Item s = the collated batch of step s (a pure function of (seed, s)); a DataLoader with
+    batch_size=None over range(start, steps) prefetches them in a worker."""
+
+    def __init__(self, tc: TrainConfig, model_cfg):
+        self.tc = tc
+        self.sources = [GoldDetection(model_cfg, tc.n_gold_det, tc.gold_seed, tc.flip_prob),
+                        GoldGrounding(model_cfg, tc.n_gold_ground, tc.gold_seed, tc.flip_prob)]
+        mix = list(tc.mix)
+        if tc.pseudo:
+            self.sources.append(PseudoGrounding(model_cfg, tc.pseudo, tc.pseudo_min_score, tc.flip_prob))
+            if len(self.sources[-1]) == 0:
+                raise ValueError(f"{tc.pseudo}: no pseudo-labelled region survives min_score {tc.pseudo_min_score}")
+        else:
+            mix[2] = 0.0
+        p = np.array(mix[: len(self.sources)], dtype=np.float64)
+        self.p = p / p.sum()
+        self.collate = Collate(model_cfg)
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __getitem__(self, step: int) -> dict:
+        rng = np.random.default_rng([self.tc.seed, 4242, step])
+        items = []
+        for _ in range(self.tc.batch_size):
+            src = self.sources[int(rng.choice(len(self.sources), p=self.p))]
+            items.append(src[int(rng.integers(len(src)))])
+        return self.collate(items)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# model / optimiser
+# --------------------------------------------------------------------------------------------------
+def build_model(tc: TrainConfig):
+    from glip.config import get_preset
+    from glip.language import load_pretrained_text_encoder
+    from glip.model import GLIP
+
+    if tc.init_from:
+        model = GLIP.from_pretrained(tc.init_from)
+    else:
+        torch.manual_seed(tc.seed)
+        model = GLIP(get_preset(tc.model).replace(**tc.model_overrides))
+        load_pretrained_text_encoder(model.language_backbone, model.config.text_encoder)
+    if tc.text_lr <= 0:
+        for p in model.language_backbone.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def param_groups(model, tc: TrainConfig) -> list[dict]:
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        text = name.startswith("language_backbone.")
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or "relative_position_bias_table" in name
+        key = (text, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": tc.text_lr if text else tc.lr,
+                           "weight_decay": 0.0 if no_wd else tc.weight_decay, "base_lr": tc.text_lr if text else tc.lr}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_factor(progress: float, step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return 0.001 + (1 - 0.001) * step / max(tc.warmup_steps, 1)
+    t = min(max(progress, 0.0), 1.0)
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class EMA:
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()
+                       if not k.startswith("language_backbone.")}
+
+    @torch.no_grad()
+    def update(self, model, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                if v.is_floating_point():
+                    self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    self.shadow[k].copy_(v)
+
+    def copy_to(self, model):
+        model.load_state_dict(self.shadow, strict=False)
+
+
+def compute_loss(model, batch: dict, frozen_text: bool):
+    images = batch["images"]
+    feats = model.encode_image(images)
+    if frozen_text:
+        model.language_backbone.eval()
+        with torch.no_grad():
+            text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    else:
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    head = model.ground(feats, text)
+    return glip_loss(head.token_logits, head.bbox_reg, head.centerness, model.anchors(feats), batch["targets"],
+                     batch["attention_mask"], model.box_coder)
+
+
+def _trainable_state(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("language_backbone.")}
+
+
+# --------------------------------------------------------------------------------------------------
+# loop
+# --------------------------------------------------------------------------------------------------
+def train(tc: TrainConfig, resume: bool = False, progress_bar: bool = True, quiet: bool = False,
+          stop_after: int | None = None) -> dict:
+    """Run (or, with resume, continue) a training run. stop_after: leave after that many steps of this
+    call, checkpoint included (an interruption, for tests)."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(tc.num_threads)
+    out = Path(tc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(tc)
+    frozen_text = tc.text_lr <= 0
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=(0.9, 0.999))
+    ema = EMA(model, tc.ema) if tc.ema > 0 else None
+    step, elapsed = 0, 0.0
+    ckpt = out / "last.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.shadow = state["ema"]
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        torch.set_rng_state(state["torch_rng"])
+        if not quiet:
+            print(f"resumed {ckpt} at step {step} ({elapsed / 60:.1f} min done)")
+    else:
+        torch.manual_seed(tc.seed)
+    (out / "train_config.json").write_text(json.dumps(tc.to_dict(), indent=1))
+
+    data = StepBatches(tc, model.config)
+    loader = DataLoader(data, batch_size=None, sampler=range(step, tc.steps), num_workers=tc.num_workers,
+                        worker_init_fn=_worker_init if tc.num_workers else None,
+                        prefetch_factor=4 if tc.num_workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(tc.seed))  # leaves the global RNG alone (exact resume)
+    budget = tc.max_minutes * 60
+    log = (out / "log.jsonl").open("a")
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress_bar, dynamic_ncols=True, desc=tc.name)
+    model.train()
+    t_last = time.time()
+    history = []
+    start_step = step
+    for batch in loader:
+        progress = max(step / tc.steps, elapsed / budget)
+        if progress >= 1.0 or (stop_after is not None and step - start_step >= stop_after):
+            break
+        f = lr_factor(progress, step, tc)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        loss = compute_loss(model, batch, frozen_text)
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.clip_grad)
+        opt.step()
+        step += 1
+        if ema is not None:
+            ema.update(model, step)
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        rec = {**loss.as_dict(), "step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+               "elapsed_s": round(elapsed, 1)}
+        history.append(rec)
+        log.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok=f"{rec['loss_token']:.3f}", reg=f"{rec['loss_reg']:.3f}",
+                        ctr=f"{rec['loss_centerness']:.3f}", lr=f"{rec['lr']:.1e}", refresh=False)
+        bar.update(1)
+        if step % tc.ckpt_every == 0:
+            save_checkpoint(ckpt, model, opt, ema, step, elapsed)
+        if tc.eval_every and step % tc.eval_every == 0:
+            t0 = time.time()
+            q = quick_eval(model, ema, tc)
+            log.write(json.dumps({"step": step, "eval": q}) + "\n")
+            bar.write(f"step {step}: {q}")
+            model.train()
+            t_last += time.time() - t0  # evaluation does not eat the training budget
+        log.flush()
+    bar.close()
+    save_checkpoint(ckpt, model, opt, ema, step, elapsed)
+    if ema is not None:
+        ema.copy_to(model)
+    model.eval()
+    model.save_pretrained(out / "model", exclude_text_encoder=frozen_text)
+    summary = {"steps": step, "train_minutes": round(elapsed / 60, 2), "final_loss": history[-1] if history else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.close()
+    return {"model": model, "history": history, **summary}
+
+
+def save_checkpoint(path: Path, model, opt, ema, step: int, elapsed: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": _trainable_state(model), "optimizer": opt.state_dict(),
+                "ema": ema.shadow if ema is not None else None, "step": step, "elapsed": elapsed,
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def quick_eval(model, ema, tc: TrainConfig) -> dict:
+    """R@1 on a few test_ground scenes and AP50 on a few test_det scenes (EMA weights when on)."""
+    from glip.evaluate import evaluate_detection, evaluate_grounding
+
+    backup = None
+    if ema is not None:
+        backup = {k: v.clone() for k, v in model.state_dict().items() if k in ema.shadow}
+        ema.copy_to(model)
+    model.eval()
+    model._predictor = None
+    try:
+        g = evaluate_grounding(model, "test_ground", n=tc.eval_n, seed=12345, progress=False)
+        d = evaluate_detection(model, n=max(tc.eval_n // 2, 4), seed=12345, progress=False)
+    finally:
+        if backup is not None:
+            model.load_state_dict(backup, strict=False)
+        model._predictor = None
+    return {"ground_R@1": round(g["R@1"], 3), "det_AP50": round(d["AP50"], 3)}
