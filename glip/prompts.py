@@ -227,6 +227,18 @@ def _np_tools():
     return PatternTagger(), nltk.RegexpParser(NP_GRAMMAR)
 
 
+def _repair_tags(tagged: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One contextual (Brill-style) repair of the lexicon tagger: a verb tag right after a determiner or an
+    adjective is a noun. The Pattern lexicon tags "cross" as a verb everywhere, so "an orange cross" would have no
+    noun phrase; NLTK's perceptron tagger gets this right from context."""
+    out: list[tuple[str, str]] = []
+    for w, t in tagged:
+        if t.startswith("VB") and out and (out[-1][1] == "DT" or out[-1][1].startswith("JJ")):
+            t = "NN"
+        out.append((w, t))
+    return out
+
+
 def noun_phrases(caption: str) -> list[str]:
     """Noun phrases of a caption, in order of appearance, as the official `find_noun_phrases` + `remove_punctuation`
     produce them: lower-cased, determiners kept ("the small red circle"), punctuation removed, empties dropped.
@@ -238,6 +250,7 @@ def noun_phrases(caption: str) -> list[str]:
     tagged = tagger.tag(" ".join(tokens), tokenize=False)
     if [w for w, _ in tagged] != tokens:  # should not happen: tokens hold no spaces; re-align defensively
         tagged = [(t, (tagger.tag(t, tokenize=False) or [(t, "SYM")])[0][1]) for t in tokens]
+    tagged = _repair_tags(tagged)
     phrases = []
     for subtree in chunker.parse(tagged).subtrees(lambda t: t.label() == "NP"):
         phrase = " ".join(word for word, _ in subtree.leaves()).translate(_PUNCT_TABLE).strip()

@@ -389,3 +389,9 @@ def test_phrase_scores_more_than_80_phrases():
     assert scores.shape == (3, 90)
     live = torch.tensor([bool(v) for v in label_to_token(pmap).values()])
     assert torch.allclose(scores[:, live], torch.full_like(scores[:, live], 0.5))
+
+
+def test_noun_phrase_tag_repair_finds_nouns_the_lexicon_calls_verbs():
+    # Pattern's lexicon tags "cross" as a verb; after a determiner/adjective it is a noun (the repair).
+    assert noun_phrases("an orange cross next to a red circle.") == ["an orange cross", "a red circle"]
+    assert noun_phrases("the dog runs across the park") == ["the dog", "the park"]  # real verbs stay verbs
