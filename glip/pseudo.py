@@ -16,51 +16,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from glip.boxes import box_iou
 from glip.data import make_sample, to_odvg
-from glip.prompts import _PUNCT_TABLE, _TOKEN_RE, Prompt, PromptError, _find_all, _np_tools, from_caption
-
-
-def repaired_noun_phrases(caption: str) -> list[str]:
-    """`glip.prompts.noun_phrases` plus one contextual tagger repair (Brill-style): a verb tag right after a
-    determiner or adjective becomes a noun. The bundled Pattern tagger tags "cross" as VB everywhere ("an
-    orange cross" → no noun phrase), which would hide a third of the novel shapes from the teacher."""
-    tokens = _TOKEN_RE.findall(caption.lower())
-    if not tokens:
-        return []
-    tagger, chunker = _np_tools()
-    tagged = tagger.tag(" ".join(tokens), tokenize=False)
-    if [w for w, _ in tagged] != tokens:
-        return []
-    fixed = []
-    for i, (w, t) in enumerate(tagged):
-        if t.startswith("VB") and i > 0 and (fixed[-1][1] == "DT" or fixed[-1][1].startswith("JJ")):
-            t = "NN"
-        fixed.append((w, t))
-    out = []
-    for sub in chunker.parse(fixed).subtrees(lambda t: t.label() == "NP"):
-        phrase = " ".join(w for w, _ in sub.leaves()).translate(_PUNCT_TABLE).strip()
-        if phrase:
-            out.append(phrase)
-    return out
-
-
-def caption_prompt(caption: str, repair: bool = True) -> Prompt:
-    """The web caption's noun phrases as a Prompt (every occurrence a span, as `from_caption`)."""
-    if not repair:
-        return from_caption(caption)
-    names, spans = [], []
-    for phrase in dict.fromkeys(repaired_noun_phrases(caption)):
-        found = _find_all(phrase, caption)
-        if found:
-            names.append(phrase)
-            spans.append(found)
-    if not names:
-        return from_caption(caption)
-    return Prompt(caption, names, spans)
+from glip.prompts import PromptError, from_caption
 
 
 def _region(box, phrase: str, spans, score: float) -> dict:
@@ -72,7 +32,7 @@ def _region(box, phrase: str, spans, score: float) -> dict:
 @torch.no_grad()
 def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, batch_size: int = 8,
                  max_per_phrase: int | None = 1, out: str | Path | None = None, progress: bool = True,
-                 start: int = 0, repair_tags: bool = True) -> tuple[list[dict], dict]:
+                 start: int = 0) -> tuple[list[dict], dict]:
     """Label web[start : start + n] (world seed `seed`). Returns (ODVG records, stats)."""
     from tqdm import tqdm
 
@@ -86,7 +46,7 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
         prompts = []
         for s in samples:
             try:
-                prompts.append(caption_prompt(s.caption, repair_tags))  # automatic noun phrases
+                prompts.append(from_caption(s.caption))  # automatic noun phrases (spans = every occurrence)
             except PromptError:
                 prompts.append(None)
         keep = [j for j, p in enumerate(prompts) if p is not None]
