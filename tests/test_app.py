@@ -193,15 +193,21 @@ def test_every_view_renders(explorer, scene):
     assert isinstance(note, str)
 
 
-def test_metrics_plot_handles_absence_and_odd_layouts(tmp_path):
+def test_metrics_plot_handles_absence_and_bad_files(tmp_path):
     fig, note = render.metrics_plot(tmp_path / "metrics.json")
     assert fig is None and "No measured metrics" in note
     (tmp_path / "metrics.json").write_text("{not json")
     assert render.metrics_plot(tmp_path / "metrics.json")[0] is None
-    (tmp_path / "metrics.json").write_text(json.dumps(
-        {"teacher": {"known": {"AP50": 0.8}, "novel": {"AP50": 0.1}}, "student": {"known": {"AP50": 0.78}, "novel": {"AP50": 0.4}}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"teacher": {"known": {"AP50": 0.8}}}))  # wrong layout
     fig, note = render.metrics_plot(tmp_path / "metrics.json")
-    assert fig is not None and "4 numbers" in note
+    assert fig is None and "Could not read" in note
+    m = {split: {k: 0.5 for k in ("AP50", "R@1", "R@5")} for split in ("test_det", "test_ground", "test_novel")}
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval": {"seed": 3, "n": 10}, "teacher": {"metrics": m},
+                                                       "student": {"metrics": m}}))
+    fig, note = render.metrics_plot(tmp_path / "metrics.json")
+    assert fig is not None and "seed 3" in note
+    heights = sorted(round(p.get_height(), 2) for p in fig.axes[0].patches if hasattr(p, "get_height"))
+    assert heights.count(0.5) == 10  # 5 metrics × 2 models
 
 
 def test_user_errors_are_clear_messages(explorer, scene, tmp_path):
