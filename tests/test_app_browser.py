@@ -30,9 +30,13 @@ def server():
 
 
 def test_the_app_in_a_browser(server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    required = os.environ.get("GLIP_REQUIRE_BROWSER") == "1"  # CI: a missing browser is a failure, not a skip
+    try:
+        from playwright import sync_api
+    except ImportError:
+        (pytest.fail if required else pytest.skip)("playwright is not installed (pip install playwright)")
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+        (pytest.fail if required else pytest.skip)(f"{CHROMIUM} not installed (apt-get install chromium)")
     from glip.data import make_sample
     from glip.draw import phrase_color
 
