@@ -11,15 +11,17 @@ import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .fusion import FusionAttention
 from .head import HeadOutput
-from .image import ImageError, batch_images, load_image, to_tensor
+from .image import ImageError, batch_images, load_image, resized_hw, to_tensor
 from .language import TextFeatures
 from .postprocess import atss_postprocess
 from .prompts import Prompt, PromptError, chunk, get_tokenizer, parse_prompt, positive_map, tokenize
@@ -47,9 +49,24 @@ class LRU(OrderedDict):
 @dataclass
 class _ImageEntry:
     key: str
-    size: tuple[int, int]          # original (W, H)
-    tensor: torch.Tensor           # (3, h, w) normalised
-    hw: tuple[int, int]            # resized (h, w), unpadded
+    image: Image.Image
+    min_size: int
+    max_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def size(self) -> tuple[int, int]:  # original (W, H)
+        return self.image.size
+
+    @property
+    def hw(self) -> tuple[int, int]:  # resized (h, w), unpadded
+        return resized_hw(self.image.height, self.image.width, self.min_size, self.max_size)
+
+    @cached_property
+    def tensor(self) -> torch.Tensor:
+        """(3, h, w) normalised; only built when the image features are not cached."""
+        return to_tensor(self.image, self.min_size, self.max_size, self.mean, self.std)
 
 
 @dataclass
@@ -102,8 +119,8 @@ class Predictor:
             raise ValueError(f"Input size out of range: min {min_size} (32–4096), max {max_size} (≥ min, ≤ 8192)")
         pil = load_image(image)
         digest = hashlib.sha1(pil.tobytes()).hexdigest()[:16]
-        t = to_tensor(pil, min_size, max_size, cfg.pixel_mean, cfg.pixel_std)
-        return _ImageEntry(f"{digest}:{pil.size}:{min_size}:{max_size}", pil.size, t, tuple(t.shape[1:]))
+        return _ImageEntry(f"{digest}:{pil.size}:{min_size}:{max_size}", pil, min_size, max_size,
+                           cfg.pixel_mean, cfg.pixel_std)
 
     def prepare_prompt(self, prompt, phrases=None, spans=None, mode: str = "auto") -> Prompt:
         if isinstance(prompt, Prompt):
