@@ -64,9 +64,9 @@ class LanguageBackbone(nn.Module):
 
 
 class _SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.1):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask_add: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ class _SelfAttention(nn.Module):
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)
         scores = scores.clamp(-CLAMP, CLAMP) + mask_add
-        probs = F.dropout(scores.softmax(-1), p=0.1, training=self.training)
+        probs = F.dropout(scores.softmax(-1), p=self.dropout, training=self.training)
         return (probs @ v).transpose(1, 2).reshape(B, T, D)
 
 
@@ -96,7 +96,8 @@ class BertFusionLayer(nn.Module):
         super().__init__()
         dim, eps = bert["hidden_size"], bert["layer_norm_eps"]
         self.attention = nn.Module()
-        self.attention.self = _SelfAttention(dim, bert["num_attention_heads"])
+        self.attention.self = _SelfAttention(dim, bert["num_attention_heads"], bert.get("attention_probs_dropout_prob", 0.1))
+        self.hidden_dropout = bert.get("hidden_dropout_prob", 0.1)
         self.attention.output = _DenseNorm(dim, dim, eps)
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(dim, bert["intermediate_size"])
@@ -110,7 +111,7 @@ class BertFusionLayer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, hidden: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        drop = lambda t: F.dropout(t, p=0.1, training=self.training)  # noqa: E731
+        drop = lambda t: F.dropout(t, p=self.hidden_dropout, training=self.training)  # noqa: E731
         mask_add = ((1.0 - masks[:, None, None, :].to(hidden.dtype)) * -10000.0)
         a = self.attention.self(hidden, mask_add)
         a = self.attention.output.LayerNorm(drop(self.attention.output.dense(a)) + hidden)

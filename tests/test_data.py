@@ -176,6 +176,29 @@ def test_detection_prompt():
     assert SPLIT_CACHE["test_det"][0].caption == full
 
 
+def test_hard_negatives_share_a_word_with_present_categories():
+    """hard_weight > 1 draws confusable absent categories (shared colour or shape) more often; 1 keeps
+    the plain uniform draw, bit for bit."""
+    shares, plain_shares, n = 0, 0, 0
+    for i, s in enumerate(SPLIT_CACHE["gold_det"]):
+        present = {o.category for o in s.objs}
+        present_words = {w for c in present for w in c.split()}
+        cap_a, _ = detection_prompt(s.objs, GOLD_CATEGORIES, np.random.default_rng(i), 6)
+        cap_b, _ = detection_prompt(s.objs, GOLD_CATEGORIES, np.random.default_rng(i), 6, hard_weight=1.0)
+        assert cap_a == cap_b
+        hard, phrases = detection_prompt(s.objs, GOLD_CATEGORIES, np.random.default_rng(i), 6, hard_weight=1e6)
+        assert present <= {p.text for p in phrases} and len(phrases) == len(present) + 6
+        negs = [p.text for p in phrases if p.text not in present]
+        confusable = [c for c in GOLD_CATEGORIES if c not in present and present_words & set(c.split())]
+        shares += sum(bool(present_words & set(c.split())) for c in negs)
+        plain_shares += sum(bool(present_words & set(p.text.split())) for p in
+                            detection_prompt(s.objs, GOLD_CATEGORIES, np.random.default_rng(i), 6)[1]
+                            if p.text not in present)
+        n += min(6, len(confusable))
+    assert shares == n  # with an overwhelming weight every negative it can be is confusable
+    assert plain_shares < shares
+
+
 # ---------------------------------------------------------------- formats
 def test_coco_export_loads_in_pycocotools(tmp_path):
     from pycocotools.coco import COCO

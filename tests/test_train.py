@@ -121,6 +121,21 @@ def test_pseudo_dataset_uses_only_the_file(tmp_path):
     assert len(PseudoGrounding(cfg, tmp_path / "p.jsonl", min_score=0.95)) == 0
 
 
+def test_dropout_off_by_default_on_when_asked(tmp_path):
+    """train_dropout=False: two forward passes in train mode agree (no drop path / dropout left);
+    train_dropout=True: they differ."""
+    b = None
+    for flag in (False, True):
+        tc = micro(tmp_path, train_dropout=flag, model_overrides={**MICRO, "swin_drop_path_rate": 0.3})
+        model = build_model(tc).train()
+        if b is None:
+            from glip.train.trainer import StepBatches
+            b = StepBatches(tc, model.config)[0]
+        with torch.no_grad():
+            l1, l2 = compute_loss(model, b, True).total, compute_loss(model, b, True).total
+        assert (float(l1) == float(l2)) is (not flag)
+
+
 def test_train_config_names():
     assert get_config("student").pseudo and get_config("student").init_from
     with pytest.raises(ValueError):

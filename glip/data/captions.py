@@ -116,20 +116,29 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 def detection_prompt(objs: list[Obj], categories: tuple[str, ...],
                      rng: np.random.Generator | None = None,
-                     num_negatives: int = 0) -> tuple[str, list[Phrase]]:
+                     num_negatives: int = 0, hard_weight: float = 1.0) -> tuple[str, list[Phrase]]:
     """Detection as grounding, the GLIP way: the prompt is a list of category
     names joined by ". " with no trailing separator ("red circle. blue star.
     green square", the layout of glip.prompts.from_categories(style="eval")),
     holding every category present in the image plus `num_negatives` sampled
     absent ones, shuffled so position carries no signal. With rng=None the
-    prompt is all `categories` in their given order (deterministic, for eval)."""
+    prompt is all `categories` in their given order (deterministic, for eval).
+    hard_weight > 1 samples absent categories that share a colour or shape word with a present one
+    ("red square" next to a red circle) that many times more often: the contrasts a category-list
+    prompt asks the model to make."""
     present = list(dict.fromkeys(o.category for o in objs))
     if rng is None:
         names = list(categories)
     else:
         absent = [c for c in categories if c not in present]
         k = min(num_negatives, len(absent))
-        names = present + [absent[j] for j in rng.choice(len(absent), k, replace=False)]
+        if hard_weight == 1.0:
+            picked = rng.choice(len(absent), k, replace=False)
+        else:
+            words = {w for name in present for w in name.split()}
+            w = np.array([hard_weight if words & set(c.split()) else 1.0 for c in absent])
+            picked = rng.choice(len(absent), k, replace=False, p=w / w.sum())
+        names = present + [absent[j] for j in picked]
         names = [names[j] for j in rng.permutation(len(names))]
     caption, phrases = "", []
     for name in names:

@@ -15,7 +15,7 @@ def cmd_train(a) -> int:
     from .trainer import get_config, train
 
     tc = get_config(a.config, steps=a.steps, out=a.out, max_minutes=a.max_minutes, init_from=a.init_from,
-                    pseudo=a.pseudo, seed=a.seed, num_threads=a.threads)
+                    pseudo=a.pseudo, pseudo_min_score=a.pseudo_min_score, seed=a.seed, num_threads=a.threads)
     r = train(tc, resume=a.resume, progress_bar=not a.no_progress)
     print(json.dumps({"steps": r["steps"], "train_minutes": r["train_minutes"], "model": f"{tc.out}/model"}))
     return 0
@@ -64,6 +64,7 @@ def add_commands(sub) -> None:
     s.add_argument("--out", default=None, help="run directory (checkpoints, log, final model/)")
     s.add_argument("--init-from", default=None, help="start from these weights")
     s.add_argument("--pseudo", default=None, help="pseudo-label ODVG file (student)")
+    s.add_argument("--pseudo-min-score", type=float, default=None, help="keep pseudo regions scoring at least this")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")

@@ -98,9 +98,10 @@ class GoldDetection(_WorldDataset):
     split = "gold_det"
 
     def __init__(self, cfg, n: int, seed: int = 0, flip_prob: float = 0.5, offset: int = 0,
-                 negatives: tuple[int, int] | None = None):
+                 negatives: tuple[int, int] | None = None, hard_weight: float = 1.0):
         super().__init__(cfg, n, seed, flip_prob, offset)
         self.negatives = negatives  # None: the world's own sampling (2..8 absent categories)
+        self.hard_weight = hard_weight  # > 1: confusable absent categories (shared word) sampled more often
 
     def __getitem__(self, i: int) -> dict:
         idx = i + self.offset
@@ -109,7 +110,7 @@ class GoldDetection(_WorldDataset):
         if self.negatives is not None:
             rng = np.random.default_rng([self.seed, 104729, idx])
             k = int(rng.integers(self.negatives[0], self.negatives[1] + 1))
-            caption, phrases = detection_prompt(s.objs, GOLD_CATEGORIES, rng, k)
+            caption, phrases = detection_prompt(s.objs, GOLD_CATEGORIES, rng, k, self.hard_weight)
         spans, boxes = [], []
         for p in phrases:
             for b in p.box_ids:
