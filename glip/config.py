@@ -193,6 +193,7 @@ PRESETS: dict[str, GLIPConfig] = {
 PRESETS["toy"] = GLIPConfig(
     name="toy", swin_embed_dim=32, swin_depths=(2, 2, 2, 2), swin_num_heads=(2, 4, 8, 16), swin_window_size=8,
     swin_drop_path_rate=0.1, channels=64, num_dyhead_blocks=2, fusion_embed_dim=256, fusion_num_heads=8,
+    fused_dot_product=False,  # S_ground on MiniLM's token features: the fused ones collapsed (README, "The toy models")
     bert=dict(MINILM_L6), text_encoder="all-MiniLM-L6-v2", max_query_len=128, min_size_test=256, max_size_test=256,
     anchor_sizes=(32, 64, 128, 256, 512),
 )

@@ -16,6 +16,8 @@ Functions:
   aggregate                       mean or rollout over layers
   phrase_tokens                   which token indices belong to a phrase
   agreement                       teacher vs student (vs ground truth) matching per phrase
+  text_stage_similarity           cosine similarity of chosen tokens after each head stage (does
+                                  fusion keep "red" and "blue" apart?)
 """
 from __future__ import annotations
 
@@ -291,6 +293,52 @@ def agreement(phrases: Sequence[str], a, b, iou_threshold: float = 0.5) -> list[
     return rows
 
 
+# --- text features through the head --------------------------------------------------------------------
+@torch.no_grad()
+def text_stage_similarity(model, image, caption: str, token_ids: Sequence[int]) -> list[tuple[str, np.ndarray]]:
+    """[(stage, K×K cosine matrix)] for the tokens `token_ids` of `caption`: the text encoder's output,
+    after every X-MHA and fusion BERT layer of the head, and after S_ground's text projection of the
+    features S_ground actually uses. Near-1 off-diagonals mean the head can no longer tell those
+    tokens apart, whatever the image shows."""
+    from glip.fusion import VLFuse
+    from glip.image import to_tensor
+    from glip.language import BertFusionLayer
+    from glip.prompts import tokenize
+
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    x = to_tensor(image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
+    enc = tokenize([caption], max_len=cfg.max_query_len)
+    ids = list(token_ids)
+
+    def cos(h: torch.Tensor) -> np.ndarray:
+        v = F.normalize(h[0, ids].float(), dim=-1)
+        return (v @ v.T).numpy()
+
+    head = model.rpn.head
+    stages, hooks = [], []
+    n_fuse = n_bert = 0
+    for block in head.dyhead_tower:
+        if isinstance(block, VLFuse):
+            n_fuse += 1
+            name = f"after X-MHA {n_fuse}"
+            hooks.append(block.register_forward_hook(lambda m, i, o, name=name: stages.append((name, cos(o[1])))))
+        elif isinstance(block, BertFusionLayer):
+            n_bert += 1
+            name = f"after fusion BERT layer {n_bert}"
+            hooks.append(block.register_forward_hook(lambda m, i, o, name=name: stages.append((name, cos(o)))))
+    try:
+        text = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        out = model.ground(model.encode_image(x), text)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    proj = head.dot_product_projection_text(F.normalize(out.text, p=2, dim=-1) / 2.0)
+    return [("text encoder", cos(text.hidden))] + stages + [("S_ground text projection", cos(proj))]
+
+
 __all__ = ["STRIDES", "valid_shapes", "level_offsets", "split_levels", "text_to_image", "upsample", "combine_levels",
            "image_to_text_in_box", "image_to_text_at", "sharpness", "token_to_image_per_layer", "aggregate",
-           "phrase_tokens", "best_phrase_scores", "match", "agreement"]
+           "phrase_tokens", "best_phrase_scores", "match", "agreement", "text_stage_similarity"]

@@ -169,3 +169,28 @@ def test_on_a_real_prediction_levels_agree_with_the_predictor():
     full = explain.combine_levels(t2i, hw, res.image_size, model.config.anchor_strides)
     assert tuple(full.shape) == tuple(comb.shape) == (200, 300)
     assert math.isfinite(float(full.sum()))
+
+
+def test_text_stage_similarity_follows_every_head_stage():
+    """One matrix per stage: the encoder, every X-MHA and fusion BERT layer, the projection; cosine
+    matrices (unit diagonal, symmetric); the encoder stage equals a direct computation."""
+    from app.models import random_toy
+    from glip.data import make_sample
+    from glip.prompts import tokenize
+
+    model = random_toy()
+    s = make_sample("gold_det", 0, 0)
+    caption = "red triangle. blue triangle. green triangle"
+    stages = explain.text_stage_similarity(model, s.image, caption, [1, 4, 7])
+    n = model.config.num_dyhead_blocks
+    assert [name for name, _ in stages][0] == "text encoder" and stages[-1][0] == "S_ground text projection"
+    assert len(stages) == 2 + 2 * n
+    for _, c in stages:
+        assert c.shape == (3, 3)
+        assert np.allclose(np.diag(c), 1.0, atol=1e-5) and np.allclose(c, c.T, atol=1e-6)
+    enc = tokenize([caption], max_len=model.config.max_query_len)
+    with torch.no_grad():
+        h = model.encode_text(enc["input_ids"], enc["attention_mask"]).hidden[0, [1, 4, 7]]
+    v = torch.nn.functional.normalize(h, dim=-1)
+    assert np.allclose(stages[0][1], (v @ v.T).numpy(), atol=1e-5)
+    assert not model.training
