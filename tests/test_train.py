@@ -141,3 +141,29 @@ def test_train_config_names():
     with pytest.raises(ValueError):
         get_config("nope")
     assert dataclasses.asdict(get_config("teacher"))["steps"] > 0
+
+
+def test_linear_probe_separates_what_is_there_and_not_what_is_not():
+    import numpy as np
+
+    from glip.train.diagnose import probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = [["a", "b", "c"][i % 3] for i in range(300)]
+    x = rng.normal(size=(300, 16))
+    x_sep = x.copy()
+    x_sep[:, 0] += 6.0 * np.array([["a", "b", "c"].index(v) for v in labels])  # one informative direction
+    assert probe_accuracy(x_sep, labels) > 0.95
+    assert probe_accuracy(x, labels) < 0.6  # pure noise: near chance (1/3)
+
+
+def test_stage_features_one_row_per_object():
+    from app.models import random_toy
+    from glip.data import make_sample
+    from glip.train.diagnose import STAGES, stage_features
+
+    model = random_toy()
+    feats, colors, shapes = stage_features(model, n=2, seed=5)
+    n_obj = sum(len(make_sample("test_det", i, 5).objs) for i in range(2))
+    assert set(feats) == set(STAGES) and len(colors) == len(shapes) == n_obj
+    assert feats["pixel"].shape == (n_obj, 3) and feats["DyHead"].shape == (n_obj, model.config.channels)

@@ -1,0 +1,110 @@
+"""Where does a trained toy GLIP keep colour and shape? Linear probes along the image path.
+
+    python -m glip.train.diagnose --model toy-teacher --n 60 --seed 5
+
+For every object of `n` fresh test_det scenes it reads the feature vector under the object's centre at
+each stage — the input pixel, the patch embedding, the Swin stages C2–C4, the FPN level the object's
+size maps to (P3 below 48 px, else P4) and the same level after the DyHead (what S_ground scores) — and
+fits a softmax-regression probe for the object's colour and for its shape on 70% of the objects,
+reporting accuracy on the other 30%. Chance is 1/6 for either. A stage where colour accuracy collapses
+is where the network stopped carrying colour: S_ground cannot use what the region features lack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STAGES = ("pixel", "patch embed", "C2", "C3", "C4", "FPN", "DyHead")
+
+
+@torch.no_grad()
+def stage_features(model, n: int = 60, seed: int = 5) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """{stage: (objects, channels)} features under each object's centre, and the objects' colours / shapes."""
+    from glip.data import make_sample
+    from glip.image import to_tensor
+    from glip.prompts import tokenize
+
+    cfg = model.config
+    model.eval()
+    body = model.backbone.body
+    enc = tokenize(["object"], max_len=cfg.max_query_len)
+    text = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    feats = {k: [] for k in STAGES}
+    colors, shapes = [], []
+    for i in range(n):
+        s = make_sample("test_det", i, seed)
+        x = to_tensor(s.image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
+        pe = body.patch_embed(x)
+        B, C, H, W = pe.shape
+        pe = body.patch_embed.norm(pe.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+        cs = body(x)
+        fpn = model.encode_image(x)
+        vis = model.ground(fpn, text).visual
+        f = x.shape[-1] / s.image.size[0]
+        for o in s.objs:
+            b = [v * f for v in o.box]
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            lvl = 0 if max(b[2] - b[0], b[3] - b[1]) < 48 else 1
+            at = lambda t, stride: t[0, :, int(cy // stride), int(cx // stride)].float().numpy()  # noqa: E731
+            feats["pixel"].append(at(x, 1))
+            feats["patch embed"].append(at(pe, 4))
+            for j, name in enumerate(("C2", "C3", "C4")):
+                feats[name].append(at(cs[j], 4 * 2 ** j))
+            feats["FPN"].append(at(fpn[lvl], cfg.anchor_strides[lvl]))
+            feats["DyHead"].append(at(vis[lvl], cfg.anchor_strides[lvl]))
+            colors.append(o.color)
+            shapes.append(o.shape)
+    return {k: np.stack(v) for k, v in feats.items()}, colors, shapes
+
+
+def probe_accuracy(x: np.ndarray, labels: list[str], train_frac: float = 0.7, l2: float = 1e-3,
+                   steps: int = 200) -> float:
+    """Held-out accuracy of a softmax regression on standardised features (LBFGS, L2)."""
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(v) for v in labels])
+    X = torch.as_tensor(x, dtype=torch.float64)
+    n_tr = int(len(y) * train_frac)
+    mu, sd = X[:n_tr].mean(0), X[:n_tr].std(0) + 1e-6
+    X = (X - mu) / sd
+    w = torch.zeros(X.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(X[:n_tr] @ w + b, y[:n_tr]) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((X[n_tr:] @ w + b).argmax(1) == y[n_tr:]).double().mean())
+
+
+def probe(model, n: int = 60, seed: int = 5) -> dict[str, dict[str, float]]:
+    feats, colors, shapes = stage_features(model, n, seed)
+    return {k: {"colour": round(probe_accuracy(v, colors), 3), "shape": round(probe_accuracy(v, shapes), 3)}
+            for k, v in feats.items()} | {"n_objects": len(colors)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy-teacher")
+    ap.add_argument("--n", type=int, default=60, help="test_det scenes (about 4 objects each)")
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from glip.model import GLIP
+
+    print(json.dumps(probe(GLIP.from_pretrained(a.model), a.n, a.seed), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
