@@ -67,6 +67,23 @@ def test_eval_runs_on_a_tiny_split():
     assert evaluate_detection(model, n=1, seed=9, progress=False)["n_images"] == 1
 
 
+def test_novel_by_word_partitions_the_target_hits():
+    from glip.config import get_preset
+    from glip.data import NOVEL_WORDS, make_sample
+    from glip.model import GLIP
+    from glip.train.report import novel_by_word, prompt_engineering, target_hits
+
+    torch.manual_seed(0)
+    model = GLIP(get_preset("toy").replace(min_size_test=128, max_size_test=128, num_dyhead_blocks=1)).eval()
+    samples = [make_sample("test_novel", i, 9) for i in range(6)]
+    hits = target_hits(model, samples, "caption (as in test_novel)", batch_size=3)
+    by = novel_by_word(model, samples, batch_size=3)
+    assert set(by) <= NOVEL_WORDS and sum(e["n"] for e in by.values()) == len(samples)
+    assert sum(e["hits"] for e in by.values()) == sum(hits)
+    assert all(e["R@1"] == round(e["hits"] / e["n"], 3) for e in by.values())
+    assert prompt_engineering(model, samples, batch_size=3)["caption (as in test_novel)"] == sum(hits) / len(samples)
+
+
 @pytest.mark.parametrize("name", ["toy-teacher", "toy-student"])
 def test_shipped_checkpoint_loads_offline(name, monkeypatch):
     if name not in shipped_models():
