@@ -77,7 +77,7 @@ CONFIGS: dict[str, TrainConfig] = {
     "teacher": TrainConfig(),
     # The student starts from the teacher (a deviation from the paper, which trains it from scratch: on 2 CPU
     # cores there is no time for that) with a fresh LR cycle, and sees gold + pseudo-labelled web data.
-    "student": TrainConfig(name="student", init_from="runs/teacher/model", steps=4000, max_minutes=45.0, lr=5e-4,
+    "student": TrainConfig(name="student", init_from="runs/teacher/model", steps=4000, max_minutes=40.0, lr=5e-4,
                            warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
                            mix=(0.3, 0.3, 0.4), out="runs/student"),
     # a few seconds: tests and smoke runs
