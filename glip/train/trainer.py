@@ -65,7 +65,7 @@ class TrainConfig:
     ckpt_every: int = 200
     eval_every: int = 500                   # quick evaluation (0 = off)
     eval_n: int = 48
-    num_threads: int = 2                    # 2 cores: a batch-8 step 0.73 s vs 1.25 s on one thread (measured)
+    num_threads: int = 2                    # 2 cores: a batch-8 step 0.74 s vs 1.28 s on one thread (median of 8)
     num_workers: int = 1                    # one prefetching worker builds the next batches
     out: str = "runs/teacher"
 
