@@ -40,7 +40,6 @@ class GLIPConfig:
     fused_dot_product: bool = True          # S_ground uses the fused text features (False for GLIP-T (A))
     fusion_embed_dim: int = 2048            # hard-coded in the official BiMultiHeadAttention
     fusion_num_heads: int = 8
-    fusion_dropout: float = 0.1             # X-MHA attention dropout (official 0.1; the toy trains without)
     # --- language backbone ---
     bert: dict = field(default_factory=lambda: dict(BERT_BASE))
     text_encoder: str = "bert-base-uncased"  # or "all-MiniLM-L6-v2": which pretrained weights a fresh model starts from

@@ -328,15 +328,16 @@ def text_stage_similarity(model, image, caption: str, token_ids: Sequence[int]) 
             n_bert += 1
             name = f"after fusion BERT layer {n_bert}"
             hooks.append(block.register_forward_hook(lambda m, i, o, name=name: stages.append((name, cos(o)))))
+    hooks.append(head.dot_product_projection_text.register_forward_hook(
+        lambda m, i, o: stages.append(("S_ground text projection", cos(o)))))
     try:
         text = model.encode_text(enc["input_ids"], enc["attention_mask"])
-        out = model.ground(model.encode_image(x), text)
+        model.ground(model.encode_image(x), text)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    proj = head.dot_product_projection_text(F.normalize(out.text, p=2, dim=-1) / 2.0)
-    return [("text encoder", cos(text.hidden))] + stages + [("S_ground text projection", cos(proj))]
+    return [("text encoder", cos(text.hidden))] + stages
 
 
 __all__ = ["STRIDES", "valid_shapes", "level_offsets", "split_levels", "text_to_image", "upsample", "combine_levels",

@@ -81,13 +81,12 @@ class BiMultiHeadAttention(nn.Module):
 class VLFuse(nn.Module):
     """`dyhead_tower.{3i}`: one X-MHA fusion block (`b_attn`)."""
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_gamma: float,
-                 dropout: float = 0.1):
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_gamma: float):
         super().__init__()
         self.b_attn = nn.Module()
         self.b_attn.layer_norm_v = nn.LayerNorm(v_dim)
         self.b_attn.layer_norm_l = nn.LayerNorm(l_dim)
-        self.b_attn.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads, dropout)
+        self.b_attn.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads)
         self.b_attn.gamma_v = nn.Parameter(torch.full((v_dim,), init_gamma))
         self.b_attn.gamma_l = nn.Parameter(torch.full((l_dim,), init_gamma))
         self.enabled = True  # ablation switch (the app's "fusion off" view): γ treated as 0

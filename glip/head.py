@@ -50,8 +50,7 @@ class VLDyHead(nn.Module):
         tower: list[nn.Module] = []
         for _ in range(cfg.num_dyhead_blocks):
             if cfg.early_fusion:
-                tower.append(VLFuse(C, D, cfg.fusion_embed_dim, cfg.fusion_num_heads, 1.0 / cfg.num_dyhead_blocks,
-                                    cfg.fusion_dropout))
+                tower.append(VLFuse(C, D, cfg.fusion_embed_dim, cfg.fusion_num_heads, 1.0 / cfg.num_dyhead_blocks))
                 tower.append(BertFusionLayer(cfg.bert))
             tower.append(DyConv(C, cfg.gn_groups))
         self.dyhead_tower = nn.ModuleList(tower)  # same keys as the official nn.Sequential

@@ -38,11 +38,17 @@ def stage_features(model, n: int = 60, seed: int = 5) -> tuple[dict[str, np.ndar
     for i in range(n):
         s = make_sample("test_det", i, seed)
         x = to_tensor(s.image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
-        pe = body.patch_embed(x)
-        B, C, H, W = pe.shape
-        pe = body.patch_embed.norm(pe.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
-        cs = body(x)
-        fpn = model.encode_image(x)
+        seen = {}
+        hooks = [body.patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("grid", o.shape[-2:])),
+                 body.patch_embed.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("pe", o)),
+                 body.register_forward_hook(lambda m, i, o: seen.__setitem__("C", o))]
+        try:
+            fpn = model.encode_image(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        pe = seen["pe"].transpose(1, 2).reshape(1, -1, *seen["grid"])  # (1, HW, C) tokens → (1, C, H, W)
+        cs = seen["C"]
         vis = model.ground(fpn, text).visual
         f = x.shape[-1] / s.image.size[0]
         for o in s.objs:

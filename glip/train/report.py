@@ -193,7 +193,6 @@ def main(argv=None) -> int:
                                                   "student": round(table["student"][k], 3)} for k in table["teacher"]]}
         print("prompt", json.dumps(report["prompt_engineering"]["rows"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
-    if "prompt" not in a.skip and len(models) == 2:
         samples = [make_sample("test_novel", i, a.seed) for i in range(a.n)]
         report["novel_by_word"] = {"split": "test_novel", "n": a.n, "metric": "R@1 of the target, caption prompt",
                                    **{role: novel_by_word(m, samples) for role, m in models.items()}}
