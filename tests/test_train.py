@@ -167,3 +167,103 @@ def test_stage_features_one_row_per_object():
     n_obj = sum(len(make_sample("test_det", i, 5).objs) for i in range(2))
     assert set(feats) == set(STAGES) and len(colors) == len(shapes) == n_obj
     assert feats["pixel"].shape == (n_obj, 3) and feats["DyHead"].shape == (n_obj, model.config.channels)
+
+
+def test_share_attribute_words_marks_every_occurrence_of_the_regions_own_attributes():
+    from glip.train.data import ATTRIBUTE_WORDS, share_attribute_words
+
+    caption = "red circle. red square. blue circle. turquoise circle. big red star"
+    find = lambda w, k=0: (lambda i: (i, i + len(w)))([i for i in range(len(caption)) if caption.startswith(w, i)][k])
+    red_circle, turq_circle, big_red_star = [find("red circle")], [find("turquoise circle")], [find("big red star")]
+    got = share_attribute_words(caption, [red_circle, turq_circle, big_red_star])
+    text = lambda spans: sorted(caption[a:b] for a, b in spans)
+    # red circle: its own span + the other "red"s and "circle"s, nothing else
+    assert got[0][0] == red_circle[0]
+    assert text(got[0][1:]) == ["circle", "circle", "red", "red"]
+    # a novel word is not an annotator's attribute word: never shared, but the known "circle" is
+    assert "turquoise" not in ATTRIBUTE_WORDS
+    assert text(got[1][1:]) == ["circle", "circle"]
+    # size words are absolute in this world (a gap between the small and big ranges): shared like the rest
+    assert text(got[2][1:]) == ["red", "red"]
+    # the shared spans are whole words (no "red" inside "colored")
+    assert share_attribute_words("a red cube, colored", [[(2, 5)]]) == [[(2, 5)]]
+
+
+def test_shared_words_reach_the_positive_map():
+    from glip.config import get_preset
+    from glip.train.data import InputSpec, make_item
+    from PIL import Image
+
+    spec = InputSpec(get_preset("toy").replace(**MICRO))
+    caption = "red circle. red square. blue circle"
+    img = Image.new("RGB", (64, 64))
+    plain = make_item(img, caption, [[(0, 10)]], [[1, 1, 9, 9]], spec)["positive_map"]
+    shared = make_item(img, caption, [[(0, 10)]], [[1, 1, 9, 9]], spec, share_words=True)["positive_map"]
+    assert plain.sum() == 2 and shared.sum() == 4  # one token per word: + "red" (of red square) + "circle"
+    assert (shared >= plain).all()
+
+
+def test_attribute_prompt_grounds_each_box_to_its_own_word():
+    import numpy as np
+
+    from glip.data import GOLD_COLORS, GOLD_SHAPES, make_sample
+    from glip.train.data import attribute_prompt
+
+    seen = set()
+    for i in range(12):
+        s = make_sample("gold_det", i, 0)
+        caption, spans, boxes = attribute_prompt(s.objs, np.random.default_rng(i))
+        words = caption.split(". ")
+        attr = "color" if set(words) == set(GOLD_COLORS) else "shape"
+        assert sorted(words) == sorted(GOLD_COLORS if attr == "color" else GOLD_SHAPES)
+        assert len(spans) == len(boxes) == len(s.objs)
+        for o, sp, b in zip(s.objs, spans, boxes):
+            assert caption[sp[0][0]:sp[0][1]] == getattr(o, attr) and tuple(b) == tuple(o.box)
+        seen.add(attr)
+    assert seen == {"color", "shape"}
+
+
+def test_token_accuracy_and_projection_spread_on_a_micro_model():
+    from glip.config import get_preset
+    from glip.model import GLIP
+    from glip.train.diagnose import attribute_token_accuracy, projection_spread
+
+    torch.manual_seed(0)
+    model = GLIP(get_preset("toy").replace(**MICRO))
+    acc = attribute_token_accuracy(model, "color", n=2)
+    assert set(acc) == {"P3", "P4", "P5"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    spread = projection_spread(model)
+    assert -1.0 <= spread["cosine"] <= 1.0 and spread["spread"] > 0
+    # a projection that ignores its input (weight 0, bias only) makes every word alike: cosine 1, no spread
+    with torch.no_grad():
+        model.rpn.head.dot_product_projection_text.weight.zero_()
+    same = projection_spread(model)
+    assert same["cosine"] > 0.999 and same["spread"] < 1e-3
+
+
+def test_whitened_text_projection_is_centred_decorrelated_and_keeps_the_default_scale():
+    import torch.nn.functional as F
+
+    from glip.config import get_preset
+    from glip.model import GLIP
+    from glip.prompts import tokenize
+    from glip.train.trainer import training_captions, whiten_text_projection
+
+    torch.manual_seed(0)
+    model = GLIP(get_preset("toy").replace(**MICRO)).eval()
+    captions = training_captions(get_config("tiny"), 40)
+    assert any(". " in c for c in captions[::2]) and len(set(captions)) > 30
+    enc = tokenize(captions, max_len=model.config.max_query_len)
+    with torch.no_grad():
+        text = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        t = (F.normalize(text.embedded, dim=-1) / 2.0)[enc["attention_mask"].bool()]
+        before = model.rpn.head.dot_product_projection_text(t)
+        whiten_text_projection(model, captions)
+        lin = model.rpn.head.dot_product_projection_text
+        after = t.double() @ lin.weight.double().T + lin.bias.double()
+    C = after.shape[1]
+    assert after.mean(0).abs().max() < 1e-2 * after.norm(dim=1).mean()          # centred (fp32 weights)
+    cov = torch.cov(after.T)
+    assert (cov - torch.diag(torch.diag(cov))).abs().max() < 2e-2 * torch.diag(cov).mean()  # decorrelated
+    assert torch.allclose(torch.diag(cov), torch.diag(cov).mean().expand(C), rtol=2e-2)    # equal variance
+    assert abs(float(after.norm(dim=1).mean() / before.norm(dim=1).mean()) - 1) < 1e-2    # same scale

@@ -25,12 +25,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from glip.data import GOLD_CATEGORIES, from_odvg, make_sample
+from glip.data import GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES, from_odvg, make_sample
+from glip.data.schema import SIZES
 from glip.data.captions import detection_prompt
 from glip.image import batch_images, to_tensor
 from glip.prompts import Prompt, positive_map, tokenize
 
 _SPATIAL = re.compile(r"\b(left|right)\b")
+_WORD = re.compile(r"[a-z]+")
+# Words that name one intrinsic property of an object (the annotators' vocabulary: gold only, so no
+# novel word's role is given away). See `share_attribute_words`.
+ATTRIBUTE_WORDS = frozenset(GOLD_COLORS + GOLD_SHAPES + SIZES)
 _FILENAME = re.compile(r"^(?P<split>[a-z_]+)_s(?P<seed>\d+)_(?P<index>\d+)\.png$")
 
 
@@ -51,9 +56,58 @@ class InputSpec:
         self.max_len, self.divisibility = cfg.max_query_len, cfg.size_divisibility
 
 
+def share_attribute_words(caption: str, spans: list[list[tuple[int, int]]],
+                          words: frozenset[str] = ATTRIBUTE_WORDS) -> list[list[tuple[int, int]]]:
+    """Add to each region every other occurrence in the caption of an attribute word of its own phrase.
+
+    Why: GLIP's positive map is span-level, so for a red circle in "red circle. red square. blue circle"
+    the "red" of "red square" and the "circle" of "blue circle" are focal-loss negatives although that
+    region *is* red and *is* a circle. In a compositional world every colour token is then as often
+    negative as positive for the same colour; the measured result (README, `glip.train.diagnose`) is
+    that training erases colour from the features S_ground scores. With the shared words positive, each
+    token keeps one meaning; the phrase score (mean over its tokens) still ranks the full match first."""
+    lower = caption.lower()
+    out = []
+    for region in spans:
+        own = set()
+        for a, b in region:
+            own |= {m.group() for m in _WORD.finditer(lower[a:b]) if m.group() in words}
+        extra = [(m.start(), m.end()) for m in _WORD.finditer(lower) if m.group() in own
+                 and not any(a <= m.start() and m.end() <= b for a, b in region)]
+        out.append(list(region) + extra)
+    return out
+
+
+def attribute_prompt(objs, rng: np.random.Generator) -> tuple[str, list, list]:
+    """The same gold boxes, prompted with one attribute's vocabulary: "blue. red. orange. ..." (all gold
+    colours, shuffled) or the gold shapes; each box is grounded to its own word.
+
+    Why: in category prompts every colour word is followed by a shape word, and shape alone already
+    lowers the loss a lot; measured (README), training then drops colour from the features S_ground
+    scores and never finds it again. A prompt whose only content is colour gives a direct gradient for it.
+    """
+    attr = "color" if rng.random() < 0.5 else "shape"
+    words = list(GOLD_COLORS if attr == "color" else GOLD_SHAPES)
+    rng.shuffle(words)
+    caption = ". ".join(words)
+    starts, pos = {}, 0
+    for w in words:
+        starts[w] = pos
+        pos += len(w) + 2
+    spans, boxes = [], []
+    for o in objs:
+        w = getattr(o, attr)
+        spans.append([(starts[w], starts[w] + len(w))])
+        boxes.append(o.box)
+    return caption, spans, boxes
+
+
 def make_item(image: Image.Image, caption: str, spans: list[list[tuple[int, int]]], boxes: list,
-              spec: InputSpec, flip: bool = False) -> dict:
-    """One training item from a PIL image, a caption and G grounded regions (spans + xyxy box each)."""
+              spec: InputSpec, flip: bool = False, share_words: bool = False) -> dict:
+    """One training item from a PIL image, a caption and G grounded regions (spans + xyxy box each).
+    `share_words`: see `share_attribute_words`."""
+    if share_words:
+        spans = share_attribute_words(caption, spans)
     W, H = image.size
     boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     if flip:
@@ -78,8 +132,10 @@ def can_flip(caption: str) -> bool:
 class _WorldDataset(Dataset):
     split = ""
 
-    def __init__(self, cfg, n: int, seed: int = 0, flip_prob: float = 0.5, offset: int = 0):
+    def __init__(self, cfg, n: int, seed: int = 0, flip_prob: float = 0.5, offset: int = 0,
+                 share_words: bool = False):
         self.spec, self.n, self.seed, self.flip_prob, self.offset = InputSpec(cfg), n, seed, flip_prob, offset
+        self.share_words = share_words
 
     def __len__(self) -> int:
         return self.n
@@ -98,8 +154,10 @@ class GoldDetection(_WorldDataset):
     split = "gold_det"
 
     def __init__(self, cfg, n: int, seed: int = 0, flip_prob: float = 0.5, offset: int = 0,
-                 negatives: tuple[int, int] | None = None, hard_weight: float = 1.0):
-        super().__init__(cfg, n, seed, flip_prob, offset)
+                 negatives: tuple[int, int] | None = None, hard_weight: float = 1.0, share_words: bool = False,
+                 attribute_prob: float = 0.0):
+        super().__init__(cfg, n, seed, flip_prob, offset, share_words)
+        self.attribute_prob = attribute_prob  # P(the prompt lists one attribute's words instead of categories)
         self.negatives = negatives  # None: the world's own sampling (2..8 absent categories)
         self.hard_weight = hard_weight  # > 1: confusable absent categories (shared word) sampled more often
 
@@ -107,6 +165,11 @@ class GoldDetection(_WorldDataset):
         idx = i + self.offset
         s = make_sample(self.split, idx, self.seed)
         caption, phrases = s.caption, s.phrases
+        if self.attribute_prob > 0:
+            rng = np.random.default_rng([self.seed, 15485863, idx])
+            if rng.random() < self.attribute_prob:
+                caption, spans, boxes = attribute_prompt(s.objs, rng)
+                return make_item(s.image, caption, spans, boxes, self.spec, self._flip(idx, caption))
         if self.negatives is not None:
             rng = np.random.default_rng([self.seed, 104729, idx])
             k = int(rng.integers(self.negatives[0], self.negatives[1] + 1))
@@ -116,7 +179,7 @@ class GoldDetection(_WorldDataset):
             for b in p.box_ids:
                 spans.append([p.span])
                 boxes.append(s.objs[b].box)
-        return make_item(s.image, caption, spans, boxes, self.spec, self._flip(idx, caption))
+        return make_item(s.image, caption, spans, boxes, self.spec, self._flip(idx, caption), self.share_words)
 
 
 class GoldGrounding(_WorldDataset):
@@ -130,7 +193,7 @@ class GoldGrounding(_WorldDataset):
             for b in p.box_ids:
                 spans.append([p.span])
                 boxes.append(s.objs[b].box)
-        return make_item(s.image, s.caption, spans, boxes, self.spec, self._flip(idx, s.caption))
+        return make_item(s.image, s.caption, spans, boxes, self.spec, self._flip(idx, s.caption), self.share_words)
 
 
 class PseudoGrounding(Dataset):
@@ -139,8 +202,8 @@ class PseudoGrounding(Dataset):
     dropped (official CAPTION_MIN_BOX 1); regions below `min_score` are dropped (FURTHER_SCREEN)."""
 
     def __init__(self, cfg, odvg_path: str | Path, min_score: float = 0.0, flip_prob: float = 0.5,
-                 image_dir: str | Path | None = None):
-        self.spec, self.flip_prob = InputSpec(cfg), flip_prob
+                 image_dir: str | Path | None = None, share_words: bool = False):
+        self.spec, self.flip_prob, self.share_words = InputSpec(cfg), flip_prob, share_words
         self.image_dir = Path(image_dir) if image_dir else None
         self.records = []
         for r in from_odvg(odvg_path):
@@ -165,7 +228,7 @@ class PseudoGrounding(Dataset):
         flip = False
         if self.flip_prob > 0 and can_flip(caption):
             flip = bool(np.random.default_rng([i, 31337]).random() < self.flip_prob)
-        return make_item(self._image(r["filename"]), caption, spans, boxes, self.spec, flip)
+        return make_item(self._image(r["filename"]), caption, spans, boxes, self.spec, flip, self.share_words)
 
 
 class Collate:
@@ -187,4 +250,4 @@ class Collate:
 
 
 __all__ = ["GoldDetection", "GoldGrounding", "PseudoGrounding", "Collate", "make_item", "parse_filename",
-           "can_flip", "InputSpec"]
+           "can_flip", "InputSpec", "share_attribute_words", "ATTRIBUTE_WORDS", "attribute_prompt"]

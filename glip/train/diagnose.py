@@ -8,6 +8,10 @@ size maps to (P3 below 48 px, else P4) and the same level after the DyHead (what
 fits a softmax-regression probe for the object's colour and for its shape on 70% of the objects,
 reporting accuracy on the other 30%. Chance is 1/6 for either. A stage where colour accuracy collapses
 is where the network stopped carrying colour: S_ground cannot use what the region features lack.
+
+Two more views of the same question, on the S_ground side: `attribute_token_accuracy` (do the six colour
+words' logits pick the object's colour at its centre?) and `projection_spread` (how alike the text
+projection makes the colour words).
 """
 from __future__ import annotations
 
@@ -98,6 +102,78 @@ def probe(model, n: int = 60, seed: int = 5) -> dict[str, dict[str, float]]:
             for k, v in feats.items()} | {"n_objects": len(colors)}
 
 
+@torch.no_grad()
+def attribute_token_accuracy(model, attr: str, n: int = 30, seed: int = 3) -> dict[str, float]:
+    """Does S_ground tell the attribute words apart? Prompt = the six gold colours (or shapes), e.g.
+    "red. green. blue. yellow. purple. orange"; at each object's centre, on P3/P4/P5, the argmax of the six
+    words' logits (first word piece) must be the object's own word. No box enters, so this isolates the
+    token scores from box quality (a 1/6 chance level, whatever the localisation)."""
+    from glip.data import GOLD_COLORS, GOLD_SHAPES, make_sample
+    from glip.image import to_tensor
+    from glip.prompts import get_tokenizer, tokenize
+
+    words = {"color": GOLD_COLORS, "shape": GOLD_SHAPES}[attr]
+    cfg = model.config
+    model.eval()
+    caption = ". ".join(words)
+    enc = tokenize([caption], max_len=cfg.max_query_len)
+    T = int(enc["attention_mask"].sum())
+    tok = get_tokenizer()
+    first, k = [], 1  # [CLS] at 0, then each word's pieces and a "."
+    for w in words:
+        first.append(k)
+        k += len(tok.tokenize(w)) + 1
+    text = model.encode_text(enc["input_ids"][:, :T], enc["attention_mask"][:, :T])
+    hits, total = np.zeros(3), 0
+    for i in range(n):
+        s = make_sample("test_det", i, seed)
+        x = to_tensor(s.image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
+        head = model.ground(model.encode_image(x), text)
+        f = x.shape[-1] / s.image.size[0]
+        for o in s.objs:
+            cx, cy = (o.box[0] + o.box[2]) / 2 * f, (o.box[1] + o.box[3]) / 2 * f
+            total += 1
+            for lvl in range(3):
+                H, W = head.bbox_reg[lvl].shape[-2:]
+                stride = x.shape[-1] / W
+                j = min(int(cy // stride), H - 1) * W + min(int(cx // stride), W - 1)
+                hits[lvl] += words[int(head.token_logits[lvl][0, j, first].argmax())] == getattr(o, attr)
+    return {f"P{lvl + 3}": round(float(hits[lvl] / max(total, 1)), 3) for lvl in range(3)}
+
+
+@torch.no_grad()
+def projection_spread(model, words: tuple[str, ...] | None = None) -> dict[str, float]:
+    """How alike S_ground's text side makes a set of words (default: the gold colours, as one prompt):
+    mean pairwise cosine of their projected token vectors, and the spread (mean distance from their
+    centroid / mean norm). Cosine → 1 means the token scores differ by little more than the bias."""
+    from glip.data import GOLD_COLORS
+    from glip.prompts import get_tokenizer, tokenize
+
+    words = tuple(words or GOLD_COLORS)
+    cfg, head = model.config, model.rpn.head
+    model.eval()
+    caption = ". ".join(words)
+    enc = tokenize([caption], max_len=cfg.max_query_len)
+    T = int(enc["attention_mask"].sum())
+    text = model.encode_text(enc["input_ids"][:, :T], enc["attention_mask"][:, :T])
+    tok, first, k = get_tokenizer(), [], 1
+    for w in words:
+        first.append(k)
+        k += len(tok.tokenize(w)) + 1
+    seen = {}  # the projection as S_ground computes it (a hook, so the fused path is covered too)
+    hook = head.dot_product_projection_text.register_forward_hook(lambda mod, i, o: seen.__setitem__("p", o))
+    try:
+        blank = torch.zeros(1, 3, cfg.min_size_test, cfg.min_size_test)
+        model.ground(model.encode_image(blank), text)
+    finally:
+        hook.remove()
+    proj = seen["p"][0, first]
+    c = F.normalize(proj, dim=-1)
+    m = len(words)
+    return {"cosine": round(float(((c @ c.T).sum() - m) / (m * (m - 1))), 3),
+            "spread": round(float((proj - proj.mean(0)).norm(dim=-1).mean() / proj.norm(dim=-1).mean()), 3)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-teacher")
@@ -108,7 +184,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from glip.model import GLIP
 
-    print(json.dumps(probe(GLIP.from_pretrained(a.model), a.n, a.seed), indent=1))
+    model = GLIP.from_pretrained(a.model)
+    out = {"probe": probe(model, a.n, a.seed),
+           "token_accuracy": {attr: attribute_token_accuracy(model, attr, n=a.n // 2) for attr in ("color", "shape")},
+           "colour_projection": projection_spread(model)}
+    print(json.dumps(out, indent=1))
     return 0
 
 

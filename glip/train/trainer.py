@@ -57,6 +57,11 @@ class TrainConfig:
     n_gold_ground: int = 50000
     det_negatives: tuple[int, int] | None = (6, 16)  # absent categories per gold_det prompt (None: the world's 2..8)
     hard_negative_weight: float = 4.0       # confusable absent categories (shared colour/shape) drawn this much more
+    share_attribute_words: bool = True      # a region's colour/shape/size words elsewhere in the prompt are positives
+                                            # too (`glip.train.data.share_attribute_words`; False = official spans)
+    text_projection_init: str = "whiten"    # "whiten": S_ground's text projection starts as the whitening of the
+                                            # world's token features (`whiten_text_projection`); "default": nn.Linear's
+    attribute_prompt_prob: float = 0.3      # gold_det prompts that list only colours or only shapes (`attribute_prompt`)
     pseudo: str | None = None               # ODVG JSONL written by `python -m glip pseudo-label`
     pseudo_min_score: float = 0.0           # extra screening at load time (FURTHER_SCREEN)
     mix: tuple[float, float, float] = (0.5, 0.5, 0.0)  # P(gold_det), P(gold_ground), P(pseudo) per item
@@ -105,11 +110,14 @@ class StepBatches(Dataset):
         self.tc = tc
         self.sources = [GoldDetection(model_cfg, tc.n_gold_det, tc.gold_seed, tc.flip_prob,
                                       negatives=tc.det_negatives and tuple(tc.det_negatives),
-                                      hard_weight=tc.hard_negative_weight),
-                        GoldGrounding(model_cfg, tc.n_gold_ground, tc.gold_seed, tc.flip_prob)]
+                                      hard_weight=tc.hard_negative_weight, share_words=tc.share_attribute_words,
+                                      attribute_prob=tc.attribute_prompt_prob),
+                        GoldGrounding(model_cfg, tc.n_gold_ground, tc.gold_seed, tc.flip_prob,
+                                      share_words=tc.share_attribute_words)]
         mix = list(tc.mix)
         if tc.pseudo:
-            self.sources.append(PseudoGrounding(model_cfg, tc.pseudo, tc.pseudo_min_score, tc.flip_prob))
+            self.sources.append(PseudoGrounding(model_cfg, tc.pseudo, tc.pseudo_min_score, tc.flip_prob,
+                                                share_words=tc.share_attribute_words))
             if len(self.sources[-1]) == 0:
                 raise ValueError(f"{tc.pseudo}: no pseudo-labelled region survives min_score {tc.pseudo_min_score}")
         else:
@@ -148,12 +156,68 @@ def build_model(tc: TrainConfig):
         torch.manual_seed(tc.seed)
         model = GLIP(get_preset(tc.model).replace(**tc.model_overrides))
         load_pretrained_text_encoder(model.language_backbone, model.config.text_encoder)
+        if tc.text_projection_init == "whiten":
+            whiten_text_projection(model, training_captions(tc, 512))
+        elif tc.text_projection_init != "default":
+            raise ValueError(f"text_projection_init must be 'whiten' or 'default', not {tc.text_projection_init!r}")
     if not tc.train_dropout:
         disable_dropout(model)
     if tc.text_lr <= 0:
         for p in model.language_backbone.parameters():
             p.requires_grad_(False)
     return model
+
+
+def training_captions(tc: TrainConfig, n: int) -> list[str]:
+    """n prompts as training will see them (half gold_det category lists, half gold_ground captions)."""
+    from glip.data import GOLD_CATEGORIES, make_sample
+    from glip.data.captions import detection_prompt
+
+    out = []
+    for i in range(n):
+        s = make_sample("gold_det" if i % 2 == 0 else "gold_ground", i // 2, tc.gold_seed)
+        if i % 2 == 0 and tc.det_negatives is not None:
+            rng = np.random.default_rng([tc.gold_seed, 104729, i // 2])
+            k = int(rng.integers(tc.det_negatives[0], tc.det_negatives[1] + 1))
+            out.append(detection_prompt(s.objs, GOLD_CATEGORIES, rng, k, tc.hard_negative_weight)[0])
+        else:
+            out.append(s.caption)
+    return out
+
+
+@torch.no_grad()
+def whiten_text_projection(model, captions: list[str]) -> None:
+    """Start S_ground's text projection as the (scaled) PCA whitening of the frozen text features.
+
+    Why: MiniLM's token vectors share a large common component (colour words: cosine 0.7-0.8), and a
+    randomly initialised projection keeps it (cosine 0.95 between the six colours at init, 0.99 after
+    training: `glip.train.diagnose.projection_spread`). Every token then pulls the region features the
+    same way; S_ground's gradient carries almost no colour and the image side drops colour (the probe).
+    Whitening centres the tokens and spreads the words' differences over the C output channels from the
+    first step, at the same output norm as the default initialisation, so the logits' scale is unchanged.
+    """
+    import torch.nn.functional as F
+
+    from glip.prompts import tokenize
+
+    head, cfg = model.rpn.head, model.config
+    enc = tokenize(captions, max_len=cfg.max_query_len)
+    was_training = model.language_backbone.training
+    model.language_backbone.eval()  # the features training will score (frozen MiniLM runs in eval mode)
+    text = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    model.language_backbone.train(was_training)
+    tokens = text.hidden if cfg.fused_dot_product else text.embedded
+    t = (F.normalize(tokens, p=2, dim=-1) / 2.0)[enc["attention_mask"].bool()].double()  # what `ground` projects
+    lin = head.dot_product_projection_text
+    default_norm = lin(t.float()).norm(dim=-1).mean()
+    mu = t.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov((t - mu).T))
+    C = lin.out_features
+    U, lam = evecs[:, -C:], evals[-C:].clamp_min(1e-8)
+    W = (U / lam.sqrt()).T                                  # (C, D): unit variance per channel over the tokens
+    W = W * (default_norm / (W @ (t - mu).T).norm(dim=0).mean())
+    lin.weight.copy_(W.float())
+    lin.bias.copy_(-(W @ mu).float())
 
 
 def disable_dropout(model) -> None:
