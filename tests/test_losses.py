@@ -273,3 +273,36 @@ def test_glip_loss_decreases_under_optimisation():
     assert end.total.item() < 0.5 * start.total.item()
     assert end.token.item() < 0.5 * start.token.item()
     assert end.reg.item() < 0.5 * start.reg.item()
+
+
+def test_token_softmax_loss_ignores_a_shared_shift_and_padding():
+    """The property that makes it useful: adding the same value to every valid token (the "objectness"
+    direction the focal loss rewards) changes nothing; padded tokens never count."""
+    from glip.train.losses import token_softmax_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=gen)
+    targets = torch.zeros(5, 7)
+    targets[:, 1] = 1
+    targets[:3, 2] = 1
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[:, -2:] = 0
+    base = token_softmax_loss(logits, targets, mask)
+    torch.testing.assert_close(token_softmax_loss(logits + torch.randn(5, 1, generator=gen) * 5, targets, mask), base)
+    padded = logits.clone()
+    padded[:, -2:] = 1e4
+    torch.testing.assert_close(token_softmax_loss(padded, targets, mask), base)
+    # by hand: cross-entropy against the normalised positive tokens, mean over anchors
+    logp = torch.log_softmax(logits[:, :5], -1)
+    want = torch.cat([-(logp[:3, 1] + logp[:3, 2]) / 2, -logp[3:, 1]]).mean()
+    torch.testing.assert_close(base, want)
+
+
+def test_glip_loss_adds_the_contrastive_term_only_when_asked():
+    logits, reg, ctr, anchors, targets, mask = _setup()
+    logits = [l + torch.randn_like(l) for l in logits]
+    plain = glip_loss(logits, reg, ctr, anchors, targets, mask, BoxCoder())
+    both = glip_loss(logits, reg, ctr, anchors, targets, mask, BoxCoder(), contrastive_weight=0.5)
+    assert plain.contrastive is None and "loss_contrastive" not in plain.as_dict()
+    assert both.contrastive is not None and both.contrastive > 0
+    torch.testing.assert_close(both.total, plain.total + both.contrastive)

@@ -172,6 +172,7 @@ class GLIPLossOutput:
     reg: Tensor
     centerness: Tensor
     num_pos: int
+    contrastive: Tensor | None = None  # the optional token-softmax term (already in total when set)
 
     def as_dict(self) -> dict[str, float]:
         """Plain floats for logging."""
@@ -181,7 +182,7 @@ class GLIPLossOutput:
             "loss_reg": float(self.reg.detach()),
             "loss_centerness": float(self.centerness.detach()),
             "num_pos": self.num_pos,
-        }
+        } | ({"loss_contrastive": float(self.contrastive.detach())} if self.contrastive is not None else {})
 
 
 def _flatten_maps(maps: list[Tensor], channels: int) -> Tensor:
@@ -200,6 +201,7 @@ def glip_loss(
     box_coder: BoxCoder,
     reg_weight: float = 2.0,
     topk: int = 9,
+    contrastive_weight: float = 0.0,
 ) -> GLIPLossOutput:
     """GLIP loss for a batch.
 
@@ -248,4 +250,27 @@ def glip_loss(
 
     reg_loss = reg_weight * giou_loss(pred_boxes, gt_boxes, weight=ctr_targets) / ctr_targets.sum().clamp(min=1e-12)
     ctr_loss = F.binary_cross_entropy_with_logits(ctr[img, idx], ctr_targets, reduction="sum") / num_pos
-    return GLIPLossOutput(token + reg_loss + ctr_loss, token, reg_loss, ctr_loss, num_pos)
+    total = token + reg_loss + ctr_loss
+    contrastive = None
+    if contrastive_weight > 0:
+        contrastive = contrastive_weight * token_softmax_loss(logits[img, idx], token_targets[img, idx], text_mask[img])
+        total = total + contrastive
+    return GLIPLossOutput(total, token, reg_loss, ctr_loss, num_pos, contrastive)
+
+
+def token_softmax_loss(logits: Tensor, targets: Tensor, text_mask: Tensor) -> Tensor:
+    """Cross-entropy between a softmax over each positive anchor's valid tokens and its (normalised)
+    positive tokens: MDETR's contrastive alignment, an option of the GLIP code base (off in GLIP-T).
+
+    Why: the sigmoid focal loss is minimised first by one "objectness" direction that raises every
+    token at every object; a softmax over the prompt cancels that direction, so only what tells the
+    prompt's words apart (colour against colour, shape against shape) lowers this term.
+    logits/targets (P, T), text_mask (P, T)."""
+    masked = logits.float().masked_fill(text_mask == 0, float("-inf"))
+    logp = F.log_softmax(masked, dim=-1).masked_fill(text_mask == 0, 0.0)
+    tgt = targets.float() * (text_mask > 0)
+    tgt = tgt / tgt.sum(-1, keepdim=True).clamp(min=1e-6)
+    keep = tgt.sum(-1) > 0
+    if not keep.any():
+        return logits.sum() * 0
+    return -(tgt * logp).sum(-1)[keep].mean()
