@@ -6,6 +6,9 @@ All knobs live in `TrainConfig`; `CONFIGS` holds the named ones (`--config teach
   (`text_lr = 0`): it is pretrained on far more text than the world holds, freezing it keeps the novel
   words' embeddings where MiniLM put them (what lets the student learn them from pseudo-labels without
   drifting the known ones) and BERT needs no backward (its features are computed under no_grad).
+* Loss: GLIP's (`glip_loss`) plus a token-softmax term at the positive anchors (`contrastive_weight`);
+  S_ground's text projection starts whitened (`text_projection_init`). Both exist because with GLIP-T's
+  objective alone the toy model never learned colour (README, "Where colour went").
 * Linear warm-up, then cosine decay to `min_lr_ratio`. Progress is max(step / steps, elapsed /
   time budget): on a shared CPU the schedule still completes inside `max_minutes`.
 * Gradient clipping (L2 1.0), optional EMA (the shipped weights are the EMA ones), seeded: the batch of
@@ -88,9 +91,10 @@ CONFIGS: dict[str, TrainConfig] = {
                            warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
                            mix=(0.3, 0.3, 0.4), out="runs/student"),
     # a few seconds: tests and smoke runs
+    # (nn.Linear's projection init: whitening renders 512 scenes for their prompts, too slow for a smoke run)
     "tiny": TrainConfig(name="tiny", steps=6, batch_size=2, warmup_steps=1, max_minutes=5.0, ema=0.0,
                         n_gold_det=16, n_gold_ground=16, ckpt_every=3, eval_every=0, num_workers=0,
-                        out="runs/tiny"),
+                        text_projection_init="default", out="runs/tiny"),
 }
 
 
