@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from glip.boxes import box_iou
-from glip.data import make_sample, to_odvg
+from glip.data import NOVEL_WORDS, make_sample, to_odvg
 from glip.prompts import PromptError, from_caption
 
 
@@ -82,12 +82,14 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
 
 
 def judge_regions(records: list[dict], iou: float = 0.5) -> tuple[list[dict], int]:
-    """Each region's (score, correct, novel) against the web split's hidden truth, and the number of
-    world phrases (reporting only: this is the one place that reads hidden boxes)."""
+    """Each region's (score, correct, novel, word) against the web split's hidden truth, and the number of
+    world phrases (reporting only: this is the one place that reads hidden boxes). `word` is the novel
+    word the region's own phrase text names ("" when none): what the student could learn from it."""
     from glip.train.data import parse_filename
 
     judged, n_phrases = [], 0
     for ri, r in enumerate(records):
+        caption = r["grounding"]["caption"].lower()
         split, s_seed, index = parse_filename(r["filename"])
         s = make_sample(split, index, s_seed)
         n_phrases += len(s.phrases)
@@ -101,7 +103,10 @@ def judge_regions(records: list[dict], iou: float = 0.5) -> tuple[list[dict], in
                 if len(gt) and bool((box_iou(box, gt) >= iou).any()):
                     hit, novel = (ri, k), any(s.objs[i].novel for i in p.box_ids)
                     break
-            judged.append({"score": g.get("score", 1.0), "correct": hit is not None, "phrase": hit, "novel": novel})
+            said = {w for b, e in g["tokens_positive"] for w in caption[b:e].split()}
+            word = next((w for w in sorted(NOVEL_WORDS) if w in said), "")
+            judged.append({"score": g.get("score", 1.0), "correct": hit is not None, "phrase": hit, "novel": novel,
+                           "word": word})
     return judged, n_phrases
 
 
@@ -123,10 +128,25 @@ def pseudo_label_precision(records: list[dict], iou: float = 0.5, min_score: flo
     return _aggregate(*judge_regions(records, iou), min_score)
 
 
-def sweep(records: list[dict], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), iou: float = 0.5) -> list[dict]:
-    """Precision / count of the same records screened at several score thresholds (one pass over the truth)."""
+def by_word(judged: list[dict], min_score: float) -> dict[str, dict]:
+    """Regions at >= min_score grouped by the novel word their phrase names ("(none)": no novel word):
+    count and precision, i.e. what each novel word gives the student to learn from."""
+    out: dict[str, list[int]] = {}
+    for j in judged:
+        if j["score"] >= min_score:
+            e = out.setdefault(j["word"] or "(none)", [0, 0])
+            e[0] += 1
+            e[1] += j["correct"]
+    return {w: {"boxes": n, "precision": round(c / n, 3)} for w, (n, c) in sorted(out.items())}
+
+
+def sweep(records: list[dict], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), iou: float = 0.5,
+          word_screen: float | None = None) -> list[dict] | tuple[list[dict], dict]:
+    """Precision / count of the same records screened at several score thresholds (one pass over the truth);
+    with `word_screen`, also `by_word` at that screen from the same pass: (sweep, by_word)."""
     judged, n = judge_regions(records, iou)
-    return [_aggregate(judged, n, t) for t in thresholds]
+    rows = [_aggregate(judged, n, t) for t in thresholds]
+    return rows if word_screen is None else (rows, by_word(judged, word_screen))
 
 
-__all__ = ["pseudo_label", "pseudo_label_precision", "sweep"]
+__all__ = ["pseudo_label", "pseudo_label_precision", "sweep", "by_word"]

@@ -69,3 +69,21 @@ def test_pseudo_label_with_a_real_model():
     model = GLIP(get_preset("toy").replace(min_size_test=128, max_size_test=128, num_dyhead_blocks=1))
     recs, stats = pseudo_label(model, n=2, threshold=0.0, batch_size=2, progress=False)
     assert len(recs) == 2 and stats["n_images"] == 2
+
+
+def test_by_word_groups_regions_by_the_novel_word_their_phrase_names():
+    from glip.data import NOVEL_WORDS
+    from glip.pseudo import by_word, judge_regions
+
+    samples = [make_sample("web", i, 0) for i in range(40)]
+    recs = [odvg_record(s, scores=[0.8] * sum(len(p.box_ids) for p in s.phrases)) for s in samples]
+    rows, words = sweep(recs, (0.5, 0.9), word_screen=0.5)
+    assert rows == sweep(recs, (0.5, 0.9))
+    judged, _ = judge_regions(recs)
+    assert words == by_word(judged, 0.5)
+    assert sum(w["boxes"] for w in words.values()) == rows[0]["n_regions"]
+    assert all(w["precision"] == 1.0 for w in words.values())  # truth records
+    assert set(words) - {"(none)"} <= NOVEL_WORDS and len(set(words) - {"(none)"}) >= 2
+    # a region is attributed to a novel word exactly when the world marks its object novel
+    assert all(bool(j["word"]) == j["novel"] for j in judged)
+    assert by_word(judged, 0.9) == {}

@@ -251,7 +251,7 @@ def test_whitened_text_projection_is_centred_decorrelated_and_keeps_the_default_
 
     torch.manual_seed(0)
     model = GLIP(get_preset("toy").replace(**MICRO)).eval()
-    captions = training_captions(get_config("tiny"), 40)
+    captions = training_captions(get_config("tiny"), model.config, 40)
     assert any(". " in c for c in captions[::2]) and len(set(captions)) > 30
     enc = tokenize(captions, max_len=model.config.max_query_len)
     with torch.no_grad():

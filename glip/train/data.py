@@ -161,6 +161,12 @@ class GoldDetection(_WorldDataset):
         self.negatives = negatives  # None: the world's own sampling (2..8 absent categories)
         self.hard_weight = hard_weight  # > 1: confusable absent categories (shared word) sampled more often
 
+    def category_prompt(self, objs, idx: int):
+        """Scene idx's category-list prompt with `negatives` absent categories: (caption, phrases)."""
+        rng = np.random.default_rng([self.seed, 104729, idx])
+        k = int(rng.integers(self.negatives[0], self.negatives[1] + 1))
+        return detection_prompt(objs, GOLD_CATEGORIES, rng, k, self.hard_weight)
+
     def __getitem__(self, i: int) -> dict:
         idx = i + self.offset
         s = make_sample(self.split, idx, self.seed)
@@ -171,9 +177,7 @@ class GoldDetection(_WorldDataset):
                 caption, spans, boxes = attribute_prompt(s.objs, rng)
                 return make_item(s.image, caption, spans, boxes, self.spec, self._flip(idx, caption))
         if self.negatives is not None:
-            rng = np.random.default_rng([self.seed, 104729, idx])
-            k = int(rng.integers(self.negatives[0], self.negatives[1] + 1))
-            caption, phrases = detection_prompt(s.objs, GOLD_CATEGORIES, rng, k, self.hard_weight)
+            caption, phrases = self.category_prompt(s.objs, idx)
         spans, boxes = [], []
         for p in phrases:
             for b in p.box_ids:

@@ -102,6 +102,20 @@ def probe(model, n: int = 60, seed: int = 5) -> dict[str, dict[str, float]]:
             for k, v in feats.items()} | {"n_objects": len(colors)}
 
 
+def _word_list_prompt(model, words) -> tuple:
+    """The prompt "w1. w2. ..." encoded by `model` (eval mode), and each word's first token position."""
+    from glip.prompts import get_tokenizer, tokenize
+
+    model.eval()
+    enc = tokenize([". ".join(words)], max_len=model.config.max_query_len)
+    T = int(enc["attention_mask"].sum())
+    tok, first, k = get_tokenizer(), [], 1  # [CLS] at 0, then each word's pieces and a "."
+    for w in words:
+        first.append(k)
+        k += len(tok.tokenize(w)) + 1
+    return model.encode_text(enc["input_ids"][:, :T], enc["attention_mask"][:, :T]), first
+
+
 @torch.no_grad()
 def attribute_token_accuracy(model, attr: str, n: int = 30, seed: int = 3) -> dict[str, float]:
     """Does S_ground tell the attribute words apart? Prompt = the six gold colours (or shapes), e.g.
@@ -110,20 +124,10 @@ def attribute_token_accuracy(model, attr: str, n: int = 30, seed: int = 3) -> di
     token scores from box quality (a 1/6 chance level, whatever the localisation)."""
     from glip.data import GOLD_COLORS, GOLD_SHAPES, make_sample
     from glip.image import to_tensor
-    from glip.prompts import get_tokenizer, tokenize
 
     words = {"color": GOLD_COLORS, "shape": GOLD_SHAPES}[attr]
     cfg = model.config
-    model.eval()
-    caption = ". ".join(words)
-    enc = tokenize([caption], max_len=cfg.max_query_len)
-    T = int(enc["attention_mask"].sum())
-    tok = get_tokenizer()
-    first, k = [], 1  # [CLS] at 0, then each word's pieces and a "."
-    for w in words:
-        first.append(k)
-        k += len(tok.tokenize(w)) + 1
-    text = model.encode_text(enc["input_ids"][:, :T], enc["attention_mask"][:, :T])
+    text, first = _word_list_prompt(model, words)
     hits, total = np.zeros(3), 0
     for i in range(n):
         s = make_sample("test_det", i, seed)
@@ -147,19 +151,10 @@ def projection_spread(model, words: tuple[str, ...] | None = None) -> dict[str, 
     mean pairwise cosine of their projected token vectors, and the spread (mean distance from their
     centroid / mean norm). Cosine → 1 means the token scores differ by little more than the bias."""
     from glip.data import GOLD_COLORS
-    from glip.prompts import get_tokenizer, tokenize
 
     words = tuple(words or GOLD_COLORS)
     cfg, head = model.config, model.rpn.head
-    model.eval()
-    caption = ". ".join(words)
-    enc = tokenize([caption], max_len=cfg.max_query_len)
-    T = int(enc["attention_mask"].sum())
-    text = model.encode_text(enc["input_ids"][:, :T], enc["attention_mask"][:, :T])
-    tok, first, k = get_tokenizer(), [], 1
-    for w in words:
-        first.append(k)
-        k += len(tok.tokenize(w)) + 1
+    text, first = _word_list_prompt(model, words)
     seen = {}  # the projection as S_ground computes it (a hook, so the fused path is covered too)
     hook = head.dot_product_projection_text.register_forward_hook(lambda mod, i, o: seen.__setitem__("p", o))
     try:

@@ -180,8 +180,9 @@ def main(argv=None) -> int:
     if "pseudo" not in a.skip and Path(a.pseudo).is_file():
         recs = from_odvg(a.pseudo)
         n_boxes = sum(len(r["grounding"]["regions"]) for r in recs)
-        report["pseudo_labels"] = {"file": a.pseudo, "n_images": len(recs), "n_boxes": n_boxes,
-                                   "sweep": sweep(recs, (0.3, 0.4, 0.45, 0.48, 0.5, 0.52, 0.55))}
+        rows, words = sweep(recs, (0.3, 0.4, 0.45, 0.48, 0.5, 0.52, 0.55), word_screen=0.5)
+        report["pseudo_labels"] = {"file": a.pseudo, "n_images": len(recs), "n_boxes": n_boxes, "sweep": rows,
+                                   "by_novel_word_at_0.5": words}
         print("pseudo", json.dumps(report["pseudo_labels"]["sweep"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
     if "prompt" not in a.skip and len(models) == 2:

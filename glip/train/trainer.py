@@ -163,7 +163,7 @@ def build_model(tc: TrainConfig):
         model = GLIP(get_preset(tc.model).replace(**tc.model_overrides))
         load_pretrained_text_encoder(model.language_backbone, model.config.text_encoder)
         if tc.text_projection_init == "whiten":
-            whiten_text_projection(model, training_captions(tc, 512))
+            whiten_text_projection(model, training_captions(tc, model.config, 512))
         elif tc.text_projection_init != "default":
             raise ValueError(f"text_projection_init must be 'whiten' or 'default', not {tc.text_projection_init!r}")
     if not tc.train_dropout:
@@ -174,20 +174,18 @@ def build_model(tc: TrainConfig):
     return model
 
 
-def training_captions(tc: TrainConfig, n: int) -> list[str]:
-    """n prompts as training will see them (half gold_det category lists, half gold_ground captions)."""
-    from glip.data import GOLD_CATEGORIES, make_sample
-    from glip.data.captions import detection_prompt
+def training_captions(tc: TrainConfig, model_cfg, n: int) -> list[str]:
+    """n training prompts: half gold_det category lists (built by `GoldDetection` itself), half gold_ground
+    captions. The attribute-only prompts are left out: six fixed word lists, they would only reweight."""
+    from glip.data import make_sample
 
+    det = GoldDetection(model_cfg, n, tc.gold_seed, negatives=tc.det_negatives and tuple(tc.det_negatives),
+                        hard_weight=tc.hard_negative_weight)
     out = []
     for i in range(n):
         s = make_sample("gold_det" if i % 2 == 0 else "gold_ground", i // 2, tc.gold_seed)
-        if i % 2 == 0 and tc.det_negatives is not None:
-            rng = np.random.default_rng([tc.gold_seed, 104729, i // 2])
-            k = int(rng.integers(tc.det_negatives[0], tc.det_negatives[1] + 1))
-            out.append(detection_prompt(s.objs, GOLD_CATEGORIES, rng, k, tc.hard_negative_weight)[0])
-        else:
-            out.append(s.caption)
+        out.append(det.category_prompt(s.objs, i // 2)[0] if i % 2 == 0 and tc.det_negatives is not None
+                   else s.caption)
     return out
 
 
