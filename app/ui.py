@@ -30,6 +30,8 @@ from glip.data import NOVEL_WORDS, make_sample
 from glip.draw import phrase_color
 from glip.image import ImageError, load_image
 from glip.prompts import PromptError, from_caption
+from glip.pseudo import known_word_prompt
+from glip.train.data import ATTRIBUTE_WORDS
 
 from . import render
 from .models import STUDENT, TEACHER, ModelManager
@@ -484,7 +486,9 @@ class Explorer:
         prompt = from_caption(caption)
         teacher, student = self.model(TEACHER), self.model(STUDENT)
         im = load_image(image)
-        tr = teacher.predict(im, prompt, threshold=float(t_thr), max_dets=self.max_dets)
+        # scored as `python -m glip pseudo-label` scores: by each phrase's gold-vocabulary words
+        tr = teacher.predict(im, known_word_prompt(prompt, ATTRIBUTE_WORDS), threshold=float(t_thr),
+                             max_dets=self.max_dets)
         sr = student.predict(im, prompt, threshold=float(s_thr), max_dets=self.max_dets)
         names = render.phrase_labels(prompt.phrases)
         segs, cmap = render.highlighted_prompt(prompt, NOVEL_WORDS)
@@ -679,7 +683,8 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
             # ---------------------------------------------------------------- Teacher vs student
             with gr.Tab("Teacher vs student", id="teacher"):
                 gr.Markdown("Self-training: the **teacher** (trained on gold, human-annotated data) pseudo-labels web "
-                            "image–caption pairs (noun phrases of the caption, boxes above the pseudo-label threshold); "
+                            "image–caption pairs (noun phrases of the caption, each scored by the words the teacher was "
+                            "trained on, boxes above the pseudo-label threshold); "
                             "the **student** learns from them and can pick up **novel words** (highlighted) that the "
                             "gold data never contained.")
                 with gr.Row():

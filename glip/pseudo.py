@@ -13,6 +13,7 @@ report how often a pseudo box is right (IoU >= 0.5 with the object of the captio
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -20,7 +21,26 @@ import torch
 
 from glip.boxes import box_iou
 from glip.data import NOVEL_WORDS, make_sample, to_odvg
-from glip.prompts import PromptError, from_caption
+from glip.prompts import Prompt, PromptError, from_caption
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def known_word_prompt(prompt: Prompt, known: frozenset[str]) -> Prompt:
+    """The same caption and entities, each entity's spans narrowed to its words in `known` (the vocabulary
+    the teacher was trained to ground); an entity with no known word keeps its spans.
+
+    Why: a phrase's score is the mean of its tokens' scores. The teacher was trained with "a"/"the"
+    outside every phrase (negatives everywhere) and has never seen the novel word, so both pull a correct
+    box for "a red crescent" down to ~0.4, while the one word that picks the object, "red", scores high.
+    Scored by its known words, the phrase keeps the boxes the teacher can actually vouch for; the region
+    written to the file still spans the whole noun phrase, so the student is taught the novel word too."""
+    spans = []
+    for entity in prompt.spans:
+        narrowed = [(b + m.start(), b + m.end()) for b, e in entity for m in _WORD.finditer(prompt.caption[b:e])
+                    if m.group().lower() in known]
+        spans.append(narrowed or list(entity))
+    return Prompt(prompt.caption, prompt.phrases, spans, prompt.style)
 
 
 def _region(box, phrase: str, spans, score: float) -> dict:
@@ -32,8 +52,9 @@ def _region(box, phrase: str, spans, score: float) -> dict:
 @torch.no_grad()
 def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, batch_size: int = 8,
                  max_per_phrase: int | None = 1, out: str | Path | None = None, progress: bool = True,
-                 start: int = 0) -> tuple[list[dict], dict]:
-    """Label web[start : start + n] (world seed `seed`). Returns (ODVG records, stats)."""
+                 start: int = 0, score_words: frozenset[str] | None = None) -> tuple[list[dict], dict]:
+    """Label web[start : start + n] (world seed `seed`). Returns (ODVG records, stats). `score_words`: score
+    each phrase by its words in this vocabulary only (`known_word_prompt`); None = all its tokens (paper)."""
     from tqdm import tqdm
 
     model.eval()
@@ -50,8 +71,8 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
             except PromptError:
                 prompts.append(None)
         keep = [j for j, p in enumerate(prompts) if p is not None]
-        results = model.predict([samples[j].image for j in keep], [prompts[j] for j in keep],
-                                threshold=threshold) if keep else []
+        scoring = [prompts[j] if score_words is None else known_word_prompt(prompts[j], score_words) for j in keep]
+        results = model.predict([samples[j].image for j in keep], scoring, threshold=threshold) if keep else []
         by_sample = dict(zip(keep, results))
         for j, s in enumerate(samples):
             w, h = s.image.size
@@ -67,7 +88,7 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
                     if x2 - x1 < 1 or y2 - y1 < 1:
                         continue
                     counts[pid] = counts.get(pid, 0) + 1
-                    regions.append(_region(box, r.prompt.phrases[pid], r.prompt.spans[pid], score))
+                    regions.append(_region(box, prompts[j].phrases[pid], prompts[j].spans[pid], score))
             n_boxes += len(regions)
             records.append({"filename": s.file_name, "height": h, "width": w,
                             "grounding": {"caption": s.caption, "regions": regions}})
@@ -77,7 +98,8 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
         to_odvg(records, out)
     stats = {"n_images": len(records), "n_boxes": n_boxes,
              "n_images_with_boxes": sum(bool(r["grounding"]["regions"]) for r in records),
-             "threshold": threshold, "max_per_phrase": max_per_phrase, "seconds": round(time.time() - t0, 1)}
+             "threshold": threshold, "max_per_phrase": max_per_phrase,
+             "score_words": None if score_words is None else sorted(score_words), "seconds": round(time.time() - t0, 1)}
     return records, stats
 
 
@@ -149,4 +171,4 @@ def sweep(records: list[dict], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), iou: float 
     return rows if word_screen is None else (rows, by_word(judged, word_screen))
 
 
-__all__ = ["pseudo_label", "pseudo_label_precision", "sweep", "by_word"]
+__all__ = ["pseudo_label", "known_word_prompt", "pseudo_label_precision", "sweep", "by_word"]

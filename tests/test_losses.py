@@ -306,3 +306,18 @@ def test_glip_loss_adds_the_contrastive_term_only_when_asked():
     assert plain.contrastive is None and "loss_contrastive" not in plain.as_dict()
     assert both.contrastive is not None and both.contrastive > 0
     torch.testing.assert_close(both.total, plain.total + both.contrastive)
+
+
+def test_masked_tokens_get_no_gradient_from_any_term():
+    """A token with text_mask 0 (padding, or a pseudo-label phrase screened out) is neither a negative for the
+    focal term nor a competitor in the token softmax: its logits get exactly zero gradient."""
+    logits, reg, ctr, anchors, targets, mask = _setup()
+    mask = mask.clone()
+    masked = int(mask[0].nonzero()[-1])  # a valid token of image 0
+    mask[0, masked] = 0
+    logits = [l.clone().requires_grad_(True) for l in logits]
+    out = glip_loss(logits, reg, ctr, anchors, targets, mask, BoxCoder(), contrastive_weight=1.0)
+    out.total.backward()
+    for l in logits:
+        assert torch.all(l.grad[0, :, masked] == 0)
+        assert l.grad[0].abs().sum() > 0

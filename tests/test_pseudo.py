@@ -87,3 +87,39 @@ def test_by_word_groups_regions_by_the_novel_word_their_phrase_names():
     # a region is attributed to a novel word exactly when the world marks its object novel
     assert all(bool(j["word"]) == j["novel"] for j in judged)
     assert by_word(judged, 0.9) == {}
+
+
+def test_known_word_prompt_narrows_each_phrase_to_its_known_words():
+    from glip.prompts import from_caption
+    from glip.pseudo import known_word_prompt
+    from glip.train.data import ATTRIBUTE_WORDS
+
+    cap = "a big red crescent and a turquoise circle, plus a photo."
+    p = from_caption(cap)
+    k = known_word_prompt(p, ATTRIBUTE_WORDS)
+    assert k.caption == p.caption and k.phrases == p.phrases and len(k.spans) == len(p.spans)
+    words = {name: [cap[b:e] for b, e in sp] for name, sp in zip(k.phrases, k.spans)}
+    assert words["a big red crescent"] == ["big", "red"]
+    assert words["a turquoise circle"] == ["circle"]
+    assert words["a photo"] == ["a photo"]  # no known word: the whole phrase, as before
+    for old, new in zip(p.spans, k.spans):  # narrowed spans stay inside their phrase
+        assert all(any(b0 <= b and e <= e0 for b0, e0 in old) for b, e in new)
+
+
+def test_known_word_scoring_writes_the_whole_phrase(tmp_path):
+    """The scoring prompt is narrowed, the region written is not: the student must see the novel word."""
+    from glip.train.data import ATTRIBUTE_WORDS
+
+    seen = []
+
+    class Spy(_FakeModel):
+        def predict(self, images, prompts, threshold=0.5):
+            seen.extend(prompts)
+            return super().predict(images, prompts, threshold)
+
+    recs, stats = pseudo_label(Spy(), n=4, seed=0, batch_size=2, progress=False, score_words=ATTRIBUTE_WORDS)
+    plain, _ = pseudo_label(_FakeModel(), n=4, seed=0, batch_size=2, progress=False)
+    assert recs == plain  # the fake model's boxes do not depend on spans: same records, same full-phrase spans
+    assert stats["score_words"] == sorted(ATTRIBUTE_WORDS)
+    assert any(len(sp) and all(r["grounding"]["caption"][b:e].lower() in ATTRIBUTE_WORDS for b, e in sp)
+               for r, p in zip(recs, seen) for sp in p.spans)

@@ -267,3 +267,49 @@ def test_whitened_text_projection_is_centred_decorrelated_and_keeps_the_default_
     assert (cov - torch.diag(torch.diag(cov))).abs().max() < 2e-2 * torch.diag(cov).mean()  # decorrelated
     assert torch.allclose(torch.diag(cov), torch.diag(cov).mean().expand(C), rtol=2e-2)    # equal variance
     assert abs(float(after.norm(dim=1).mean() / before.norm(dim=1).mean()) - 1) < 1e-2    # same scale
+
+
+def test_screened_out_pseudo_phrases_carry_no_loss(tmp_path):
+    """A web caption names three objects; the teacher kept only the first. With mask_unlabelled the tokens of
+    the other two noun phrases are out of the loss (loss_mask 0): their objects are in the image, and without
+    the mask their words would be trained as negatives on them. Every other token keeps its loss."""
+    from glip.config import get_preset
+    from glip.data import to_odvg
+    from glip.prompts import get_tokenizer
+    from glip.train.data import unlabelled_phrase_spans
+
+    caption = "clip art with a big red square, a big turquoise star and a blue circle."
+    kept = [[14, 30]]  # "a big red square"
+    rec = {"filename": "web_s0_000000.png", "height": 320, "width": 320,
+           "grounding": {"caption": caption, "regions": [{"bbox": [72.0, 75.0, 151.0, 153.0], "phrase": "a big red square",
+                                                           "tokens_positive": [kept[0]], "score": 0.6}]}}
+    to_odvg([rec], tmp_path / "p.jsonl")
+    ignored = unlabelled_phrase_spans(caption, [[tuple(kept[0])]])
+    assert {caption[b:e] for b, e in ignored} >= {"a big turquoise star", "a blue circle"}
+    assert all(e <= kept[0][0] or b >= kept[0][1] for b, e in ignored)
+
+    cfg = get_preset("toy").replace(**MICRO)
+    item = PseudoGrounding(cfg, tmp_path / "p.jsonl", flip_prob=0, mask_unlabelled=True)[0]
+    plain = PseudoGrounding(cfg, tmp_path / "p.jsonl", flip_prob=0)[0]
+    tok = get_tokenizer()
+    enc = tok(caption, return_offsets_mapping=True)
+    words = {}
+    for t, (b, e) in enumerate(enc["offset_mapping"]):
+        if e > b:
+            words.setdefault(caption[b:e], []).append(int(item["loss_mask"][t]))
+    assert words["turquoise"] == [0] and words["star"] == [0] and words["circle"] == [0] and words["blue"] == [0]
+    assert words["red"] == [1] and words["square"] == [1] and words["and"] == [1]
+    assert words["big"] == [1, 0] and words["a"] == [1, 0, 0]
+    assert torch.all(plain["loss_mask"] == 1)
+    assert torch.all(item["loss_mask"][len(enc["input_ids"]):] == 1)  # padding is the attention mask's job
+
+    batch = Collate(cfg)([item, GoldGrounding(cfg, 2)[0]])
+    assert torch.equal(batch["loss_mask"][1], batch["attention_mask"][1])
+    assert torch.equal(batch["loss_mask"][0], batch["attention_mask"][0] * item["loss_mask"][:batch["loss_mask"].shape[1]])
+    assert batch["loss_mask"][0].sum() < batch["attention_mask"][0].sum()
+
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", model_overrides=MICRO))
+    masked = compute_loss(model, batch, frozen_text=True, contrastive_weight=1.0).token
+    unmasked = compute_loss(model, {**batch, "loss_mask": batch["attention_mask"]}, True, 1.0).token
+    assert masked < unmasked  # fewer negatives counted: compute_loss reads the batch's loss_mask

@@ -103,9 +103,15 @@ def attribute_prompt(objs, rng: np.random.Generator) -> tuple[str, list, list]:
 
 
 def make_item(image: Image.Image, caption: str, spans: list[list[tuple[int, int]]], boxes: list,
-              spec: InputSpec, flip: bool = False, share_words: bool = False) -> dict:
+              spec: InputSpec, flip: bool = False, share_words: bool = False,
+              ignore_spans: list[tuple[int, int]] | None = None) -> dict:
     """One training item from a PIL image, a caption and G grounded regions (spans + xyxy box each).
-    `share_words`: see `share_attribute_words`."""
+    `share_words`: see `share_attribute_words`. `ignore_spans`: char spans whose tokens carry no loss
+    (`loss_mask` 0), for phrases the caption names but no region grounds (see `unlabelled_phrase_spans`)."""
+    loss_mask = torch.ones(spec.max_len)
+    if ignore_spans:
+        ignored = Prompt(caption, [caption[b:e] for b, e in ignore_spans], [[tuple(s)] for s in ignore_spans])
+        loss_mask = 1.0 - (positive_map(ignored, max_len=spec.max_len) > 0).any(0).float()
     if share_words:
         spans = share_attribute_words(caption, spans)
     W, H = image.size
@@ -121,7 +127,27 @@ def make_item(image: Image.Image, caption: str, spans: list[list[tuple[int, int]
         pmap = (positive_map(prompt, max_len=spec.max_len) > 0).float()
     else:
         pmap = torch.zeros(0, spec.max_len)
-    return {"image": x, "caption": caption, "positive_map": pmap, "boxes": boxes_t}
+    return {"image": x, "caption": caption, "positive_map": pmap, "boxes": boxes_t, "loss_mask": loss_mask}
+
+
+def unlabelled_phrase_spans(caption: str, regions: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Char spans of the caption's noun phrases (`glip.prompts.from_caption`, the extraction the teacher
+    grounded) that no region's span overlaps: the phrases whose box the teacher's score screened out.
+
+    Why: those objects are still in the image, and a caption token counts as a negative at every anchor
+    that is not its region's. Unmasked, "a turquoise circle" screened out at 0.45 teaches the student
+    that the turquoise circle is *not* turquoise — the opposite of self-training, and the novel words are
+    exactly the ones the teacher scores low. With their tokens masked the student learns nothing about
+    them from that image instead of the wrong thing."""
+    from glip.prompts import PromptError, from_caption
+
+    try:
+        prompt = from_caption(caption)
+    except PromptError:
+        return []
+    kept = [s for region in regions for s in region]
+    return [(b, e) for entity in prompt.spans for b, e in entity
+            if not any(b < ke and kb < e for kb, ke in kept)]
 
 
 def can_flip(caption: str) -> bool:
@@ -206,8 +232,9 @@ class PseudoGrounding(Dataset):
     dropped (official CAPTION_MIN_BOX 1); regions below `min_score` are dropped (FURTHER_SCREEN)."""
 
     def __init__(self, cfg, odvg_path: str | Path, min_score: float = 0.0, flip_prob: float = 0.5,
-                 image_dir: str | Path | None = None, share_words: bool = False):
+                 image_dir: str | Path | None = None, share_words: bool = False, mask_unlabelled: bool = False):
         self.spec, self.flip_prob, self.share_words = InputSpec(cfg), flip_prob, share_words
+        self.mask_unlabelled = mask_unlabelled  # tokens of screened-out phrases carry no loss (`unlabelled_phrase_spans`)
         self.image_dir = Path(image_dir) if image_dir else None
         self.records = []
         for r in from_odvg(odvg_path):
@@ -232,7 +259,8 @@ class PseudoGrounding(Dataset):
         flip = False
         if self.flip_prob > 0 and can_flip(caption):
             flip = bool(np.random.default_rng([i, 31337]).random() < self.flip_prob)
-        return make_item(self._image(r["filename"]), caption, spans, boxes, self.spec, flip, self.share_words)
+        ignore = unlabelled_phrase_spans(caption, spans) if self.mask_unlabelled else None
+        return make_item(self._image(r["filename"]), caption, spans, boxes, self.spec, flip, self.share_words, ignore)
 
 
 class Collate:
@@ -248,10 +276,13 @@ class Collate:
         enc = tokenize([it["caption"] for it in items], max_len=self.max_len)
         T = max(int(enc["attention_mask"].sum(1).max()), 1)
         targets = [{"boxes": it["boxes"], "positive_map": it["positive_map"][:, :T]} for it in items]
+        attention = enc["attention_mask"][:, :T]
+        loss_mask = torch.stack([it.get("loss_mask", torch.ones(self.max_len))[:T] for it in items]).to(attention.dtype)
         return {"images": images, "sizes": sizes, "input_ids": enc["input_ids"][:, :T],
-                "attention_mask": enc["attention_mask"][:, :T], "targets": targets,
+                "attention_mask": attention, "loss_mask": attention * loss_mask, "targets": targets,
                 "captions": [it["caption"] for it in items]}
 
 
 __all__ = ["GoldDetection", "GoldGrounding", "PseudoGrounding", "Collate", "make_item", "parse_filename",
-           "can_flip", "InputSpec", "share_attribute_words", "ATTRIBUTE_WORDS", "attribute_prompt"]
+           "can_flip", "InputSpec", "share_attribute_words", "ATTRIBUTE_WORDS", "attribute_prompt",
+           "unlabelled_phrase_spans"]
