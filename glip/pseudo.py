@@ -26,19 +26,24 @@ from glip.prompts import Prompt, PromptError, from_caption
 _WORD = re.compile(r"[A-Za-z]+")
 
 
-def known_word_prompt(prompt: Prompt, known: frozenset[str]) -> Prompt:
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def known_word_prompt(prompt: Prompt, known: frozenset[str] | None, exclude: frozenset[str] = frozenset()) -> Prompt:
     """The same caption and entities, each entity's spans narrowed to its words in `known` (the vocabulary
-    the teacher was trained to ground); an entity with no known word keeps its spans.
+    the labelling model was trained to ground; None = any word) and not in `exclude`; an entity with no such
+    word keeps its spans.
 
     Why: a phrase's score is the mean of its tokens' scores. The teacher was trained with "a"/"the"
     outside every phrase (negatives everywhere) and has never seen the novel word, so both pull a correct
     box for "a red crescent" down to ~0.4, while the one word that picks the object, "red", scores high.
     Scored by its known words, the phrase keeps the boxes the teacher can actually vouch for; the region
-    written to the file still spans the whole noun phrase, so the student is taught the novel word too."""
+    written to the file still spans the whole noun phrase, so the student is taught the novel word too.
+    A student that has learned the novel words labels with `known=None, exclude=ARTICLES` ("content")."""
     spans = []
     for entity in prompt.spans:
         narrowed = [(b + m.start(), b + m.end()) for b, e in entity for m in _WORD.finditer(prompt.caption[b:e])
-                    if m.group().lower() in known]
+                    if (known is None or m.group().lower() in known) and m.group().lower() not in exclude]
         spans.append(narrowed or list(entity))
     return Prompt(prompt.caption, prompt.phrases, spans, prompt.style)
 
@@ -52,9 +57,12 @@ def _region(box, phrase: str, spans, score: float) -> dict:
 @torch.no_grad()
 def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, batch_size: int = 8,
                  max_per_phrase: int | None = 1, out: str | Path | None = None, progress: bool = True,
-                 start: int = 0, score_words: frozenset[str] | None = None) -> tuple[list[dict], dict]:
-    """Label web[start : start + n] (world seed `seed`). Returns (ODVG records, stats). `score_words`: score
-    each phrase by its words in this vocabulary only (`known_word_prompt`); None = all its tokens (paper)."""
+                 start: int = 0, score_words: str | frozenset[str] = "all") -> tuple[list[dict], dict]:
+    """Label web[start : start + n] (world seed `seed`). Returns (ODVG records, stats). `score_words`: which
+    words of a phrase its score averages (`known_word_prompt`): "all" its tokens (the paper), "content"
+    (all but articles), or a vocabulary (a set of words, e.g. the gold `ATTRIBUTE_WORDS` for the teacher)."""
+    if isinstance(score_words, str) and score_words not in ("all", "content"):
+        raise ValueError(f"score_words must be 'all', 'content' or a set of words, not {score_words!r}")
     from tqdm import tqdm
 
     model.eval()
@@ -71,7 +79,9 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
             except PromptError:
                 prompts.append(None)
         keep = [j for j, p in enumerate(prompts) if p is not None]
-        scoring = [prompts[j] if score_words is None else known_word_prompt(prompts[j], score_words) for j in keep]
+        scoring = [prompts[j] if score_words == "all" else
+                   known_word_prompt(prompts[j], None, ARTICLES) if score_words == "content" else
+                   known_word_prompt(prompts[j], score_words) for j in keep]
         results = model.predict([samples[j].image for j in keep], scoring, threshold=threshold) if keep else []
         by_sample = dict(zip(keep, results))
         for j, s in enumerate(samples):
@@ -99,7 +109,7 @@ def pseudo_label(model, n: int = 2000, seed: int = 0, threshold: float = 0.5, ba
     stats = {"n_images": len(records), "n_boxes": n_boxes,
              "n_images_with_boxes": sum(bool(r["grounding"]["regions"]) for r in records),
              "threshold": threshold, "max_per_phrase": max_per_phrase,
-             "score_words": None if score_words is None else sorted(score_words), "seconds": round(time.time() - t0, 1)}
+             "score_words": score_words if isinstance(score_words, str) else sorted(score_words), "seconds": round(time.time() - t0, 1)}
     return records, stats
 
 
@@ -171,4 +181,4 @@ def sweep(records: list[dict], thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), iou: float 
     return rows if word_screen is None else (rows, by_word(judged, word_screen))
 
 
-__all__ = ["pseudo_label", "known_word_prompt", "pseudo_label_precision", "sweep", "by_word"]
+__all__ = ["pseudo_label", "known_word_prompt", "ARTICLES", "pseudo_label_precision", "sweep", "by_word"]

@@ -132,3 +132,35 @@ def test_shipped_models_meet_targets():
         assert m["test_ground"]["R@1"] >= 0.90
     assert s["test_novel"]["R@1"] >= 0.80
     assert s["test_novel"]["R@1"] >= t["test_novel"]["R@1"] + 0.30
+
+
+def test_report_measures_every_round_and_keeps_rows_per_model(tmp_path):
+    """`python -m glip.train.report` end to end on micro models: teacher, shipped student and the round-1
+    student are all measured, both pseudo-label files are swept, the prompt table has a column per model."""
+    import json
+
+    from glip.config import get_preset
+    from glip.data import make_sample, odvg_record, to_odvg
+    from glip.model import GLIP
+    from glip.train.report import main
+
+    cfg = get_preset("toy").replace(min_size_test=128, max_size_test=128, num_dyhead_blocks=1)
+    for k, name in enumerate(("t", "s1", "s2")):
+        torch.manual_seed(k)
+        GLIP(cfg).save_pretrained(tmp_path / name / "model")
+    for name in ("p1", "p2"):
+        recs = [odvg_record(s, scores=[0.8] * sum(len(p.box_ids) for p in s.phrases))
+                for s in (make_sample("web", i, 0) for i in range(3))]
+        to_odvg(recs, tmp_path / f"{name}.jsonl")
+    out = tmp_path / "metrics.json"
+    main(["--teacher", str(tmp_path / "t/model"), "--student", str(tmp_path / "s2/model"),
+          "--round1", str(tmp_path / "s1/model"), "--teacher-run", str(tmp_path / "t"),
+          "--student-run", str(tmp_path / "s2"), "--pseudo", str(tmp_path / "p1.jsonl"),
+          "--pseudo2", str(tmp_path / "p2.jsonl"), "--n", "2", "--n-prompt", "2", "--skip", "latency",
+          "--out", str(out)])
+    rep = json.loads(out.read_text())
+    for role in ("teacher", "student", "student_round1"):
+        assert {"test_det", "test_ground", "test_novel"} <= set(rep[role]["metrics"])
+        assert role in rep["novel_by_word"]
+    assert rep["pseudo_labels"]["sweep"][0]["precision"] == 1.0 == rep["pseudo_labels_round2"]["sweep"][0]["precision"]
+    assert all({"teacher", "student", "student_round1"} <= set(r) for r in rep["prompt_engineering"]["rows"])

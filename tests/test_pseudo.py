@@ -1,5 +1,6 @@
 """Pseudo-labelling (issue 3): ODVG round trip, precision against hidden truth, the labeller's plumbing."""
 import numpy as np
+import pytest
 import torch
 
 from glip.data import from_odvg, make_sample, odvg_record, to_odvg
@@ -91,7 +92,7 @@ def test_by_word_groups_regions_by_the_novel_word_their_phrase_names():
 
 def test_known_word_prompt_narrows_each_phrase_to_its_known_words():
     from glip.prompts import from_caption
-    from glip.pseudo import known_word_prompt
+    from glip.pseudo import ARTICLES, known_word_prompt
     from glip.train.data import ATTRIBUTE_WORDS
 
     cap = "a big red crescent and a turquoise circle, plus a photo."
@@ -104,6 +105,12 @@ def test_known_word_prompt_narrows_each_phrase_to_its_known_words():
     assert words["a photo"] == ["a photo"]  # no known word: the whole phrase, as before
     for old, new in zip(p.spans, k.spans):  # narrowed spans stay inside their phrase
         assert all(any(b0 <= b and e <= e0 for b0, e0 in old) for b, e in new)
+    c = known_word_prompt(p, None, ARTICLES)  # "content": every word but the articles
+    words = {name: [cap[b:e] for b, e in sp] for name, sp in zip(c.phrases, c.spans)}
+    assert words["a big red crescent"] == ["big", "red", "crescent"]
+    assert words["a turquoise circle"] == ["turquoise", "circle"] and words["a photo"] == ["photo"]
+    with pytest.raises(ValueError, match="score_words"):
+        pseudo_label(_FakeModel(), n=1, progress=False, score_words="known")  # the CLI maps "known" to a set
 
 
 def test_known_word_scoring_writes_the_whole_phrase(tmp_path):

@@ -138,6 +138,10 @@ def test_dropout_off_by_default_on_when_asked(tmp_path):
 
 def test_train_config_names():
     assert get_config("student").pseudo and get_config("student").init_from
+    # the pipeline's hand-offs: teacher → student → student2 (each starts from the previous run's model)
+    assert get_config("student").init_from == get_config("teacher").out + "/model"
+    assert get_config("student2").init_from == get_config("student").out + "/model"
+    assert get_config("student2").pseudo != get_config("student").pseudo
     with pytest.raises(ValueError):
         get_config("nope")
     assert dataclasses.asdict(get_config("teacher"))["steps"] > 0

@@ -32,7 +32,7 @@ def cmd_pseudo(a) -> int:
     model = GLIP.from_pretrained(a.model)
     records, stats = pseudo_label(model, n=a.n, seed=a.seed, threshold=a.threshold, batch_size=a.batch_size,
                                   max_per_phrase=a.max_per_phrase or None, out=a.out, start=a.start,
-                                  score_words=ATTRIBUTE_WORDS if a.score_words == "known" else None)
+                                  score_words=ATTRIBUTE_WORDS if a.score_words == "known" else a.score_words)
     if a.precision:  # reporting only: reads the web split's hidden boxes
         stats["precision"] = pseudo_label_precision(records)
     print(json.dumps(stats, indent=1))
@@ -83,8 +83,9 @@ def add_commands(sub) -> None:
     s.add_argument("--max-per-phrase", type=int, default=1, help="boxes kept per phrase (0 = all)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--score-words", choices=["known", "all"], default="known",
-                   help="score a phrase by its gold-vocabulary words (known) or all its tokens (all, the paper)")
+    s.add_argument("--score-words", choices=["known", "content", "all"], default="known",
+                   help="score a phrase by its gold-vocabulary words (known: a gold-trained teacher), all its words "
+                        "but articles (content: a student that learned the web words) or all its tokens (all, the paper)")
     s.add_argument("--precision", action="store_true", help="also report precision against the hidden boxes")
     s.set_defaults(fn=cmd_pseudo)
 

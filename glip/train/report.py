@@ -1,9 +1,9 @@
 """Measure the shipped models and write `assets/metrics.json` (what the model card and the app show).
 
-    python -m glip.train.report --teacher runs/teacher/model --student runs/student/model \
-        --pseudo runs/pseudo/web.jsonl --seed 1 --n 200 --out assets/metrics.json
+    python -m glip.train.report --teacher toy-teacher --student toy-student --seed 1 --n 200 --out assets/metrics.json
 
-Measures: test_det AP/AP50, test_ground and test_novel R@1/R@5 for both models on fresh-seed scenes;
+Measures: test_det AP/AP50, test_ground and test_novel R@1/R@5 for both models (and the round-1 student,
+`--round1`, when it is there) on fresh-seed scenes;
 pseudo-label count and precision (against the web split's hidden truth, reporting only) with a threshold
 sweep; the prompt-engineering table (novel word bare / with a description / replaced by a description);
 CPU predict latency on one scene (median of repeated runs, caches cleared); training time and loss curves.
@@ -141,7 +141,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="toy-teacher")
     ap.add_argument("--student", default="toy-student")
-    ap.add_argument("--pseudo", default="runs/pseudo/web.jsonl")
+    ap.add_argument("--pseudo", default="runs/pseudo/web.jsonl", help="round-1 pseudo-labels (by the teacher)")
+    ap.add_argument("--pseudo2", default="runs/pseudo2/web.jsonl", help="round-2 pseudo-labels (by the round-1 student)")
+    ap.add_argument("--round1", default="runs/student/model",
+                    help="the round-1 student, measured too when --student is a later round (skipped if absent)")
+    ap.add_argument("--teacher-run", default="runs/teacher", help="run folder with the teacher's log and summary")
+    ap.add_argument("--student-run", default="runs/student2", help="run folder with the shipped student's log")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--n-prompt", type=int, default=100)
@@ -161,12 +166,14 @@ def main(argv=None) -> int:
     out_path = Path(a.out)
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
     report["eval"] = {"seed": a.seed, "n": a.n, "iou": 0.5, "note": "fresh-seed scenes (training uses world seed 0)"}
-    srcs = {"teacher": a.teacher, "student": a.student}
-    models = {role: GLIP.from_pretrained(srcs[role]) for role in a.roles}
-    for role, src in ((r, srcs[r]) for r in a.roles):
+    srcs = {"teacher": a.teacher, "student": a.student, "student_round1": a.round1}
+    runs = {"teacher": Path(a.teacher_run), "student": Path(a.student_run), "student_round1": Path(a.round1).parent}
+    roles = list(a.roles) + (["student_round1"] if "student" in a.roles and Path(a.round1).is_dir() else [])
+    models = {role: GLIP.from_pretrained(srcs[role]) for role in roles}
+    for role, src in ((r, srcs[r]) for r in roles):
         entry = report.setdefault(role, {})
         entry["model"] = str(src)
-        run = Path("runs") / role
+        run = runs[role]
         if (run / "summary.json").is_file():
             summ = json.loads((run / "summary.json").read_text())
             entry["train_minutes"], entry["steps"] = summ["train_minutes"], summ["steps"]
@@ -177,21 +184,23 @@ def main(argv=None) -> int:
             print(role, "\n" + format_table(entry["metrics"]), flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1))
-    if "pseudo" not in a.skip and Path(a.pseudo).is_file():
-        recs = from_odvg(a.pseudo)
+    for key, path in (("pseudo_labels", a.pseudo), ("pseudo_labels_round2", a.pseudo2)):
+        if "pseudo" in a.skip or not Path(path).is_file():
+            continue
+        recs = from_odvg(path)
         n_boxes = sum(len(r["grounding"]["regions"]) for r in recs)
         rows, words = sweep(recs, (0.3, 0.4, 0.45, 0.48, 0.5, 0.52, 0.55), word_screen=0.5)
-        report["pseudo_labels"] = {"file": a.pseudo, "n_images": len(recs), "n_boxes": n_boxes, "sweep": rows,
-                                   "by_novel_word_at_0.5": words}
-        print("pseudo", json.dumps(report["pseudo_labels"]["sweep"]), flush=True)
+        report[key] = {"file": path, "n_images": len(recs), "n_boxes": n_boxes, "sweep": rows,
+                       "by_novel_word_at_0.5": words}
+        print(key, json.dumps(report[key]["sweep"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
-    if "prompt" not in a.skip and len(models) == 2:
+    if "prompt" not in a.skip and {"teacher", "student"} <= set(models):
         samples = [make_sample("test_novel", i, a.seed) for i in range(a.n_prompt)]
         table = {role: prompt_engineering(m, samples) for role, m in models.items()}
         report["prompt_engineering"] = {"split": "test_novel", "n": a.n_prompt, "metric": "R@1",
                                         "descriptions": DESCRIPTIONS, "paraphrases": PARAPHRASES,
-                                        "rows": [{"prompt": k, "teacher": round(table["teacher"][k], 3),
-                                                  "student": round(table["student"][k], 3)} for k in table["teacher"]]}
+                                        "rows": [{"prompt": k, **{role: round(t[k], 3) for role, t in table.items()}}
+                                                 for k in table["teacher"]]}
         print("prompt", json.dumps(report["prompt_engineering"]["rows"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
         samples = [make_sample("test_novel", i, a.seed) for i in range(a.n)]

@@ -92,6 +92,11 @@ CONFIGS: dict[str, TrainConfig] = {
     "student": TrainConfig(name="student", init_from="runs/teacher/model", steps=4000, max_minutes=35.0, lr=5e-4,
                            warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
                            mix=(0.3, 0.3, 0.4), out="runs/student"),
+    # Self-training round 2: the round-1 student re-labels the web pairs (it now knows the novel words, so a
+    # phrase is scored by all its words but the articles: `--score-words content`) and goes on training on them.
+    "student2": TrainConfig(name="student2", init_from="runs/student/model", steps=4000, max_minutes=30.0, lr=3e-4,
+                            warmup_steps=50, pseudo="runs/pseudo2/web.jsonl", pseudo_min_score=0.5,
+                            mix=(0.3, 0.3, 0.4), out="runs/student2"),
     # a few seconds: tests and smoke runs
     # (nn.Linear's projection init: whitening renders 512 scenes for their prompts, too slow for a smoke run)
     "tiny": TrainConfig(name="tiny", steps=6, batch_size=2, warmup_steps=1, max_minutes=5.0, ema=0.0,
