@@ -208,6 +208,14 @@ def test_metrics_plot_handles_absence_and_bad_files(tmp_path):
     assert fig is not None and "seed 3" in note
     heights = sorted(round(p.get_height(), 2) for p in fig.axes[0].patches if hasattr(p, "get_height"))
     assert heights.count(0.5) == 10  # 5 metrics × 2 models
+    assert "Targets met (teacher / student): none." in note and "novel gain ≥ +0.30 (+0.00)" in note
+    good = {"test_det": {"AP50": 0.95, "R@1": 0, "R@5": 0}, "test_ground": {"AP50": 0, "R@1": 0.91, "R@5": 1.0},
+            "test_novel": {"AP50": 0, "R@1": 0.85, "R@5": 1.0}}
+    weak = {**good, "test_det": {"AP50": 0.85, "R@1": 0, "R@5": 0}, "test_novel": {"AP50": 0, "R@1": 0.2, "R@5": 1}}
+    note = render.targets_note({m: [float(d[sp][k]) for sp, k, _ in render.METRIC_BARS]
+                                for m, d in (("teacher", weak), ("student", good))})
+    assert note == ("Targets met (teacher / student): grounding R@1 ≥ 0.90 (0.91 / 0.91), student novel R@1 ≥ 0.80 "
+                    "(0.85), novel gain ≥ +0.30 (+0.65). Missed: detection AP50 ≥ 0.90 (0.85 / 0.95).")
 
 
 def test_user_errors_are_clear_messages(explorer, scene, tmp_path):
