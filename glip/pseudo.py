@@ -6,7 +6,9 @@ teacher in one padded batch per `batch_size` pairs (`model.predict(list_of_image
 and the boxes scoring above `threshold` (paper: 0.5) are written as ODVG JSON lines with their scores
 (`glip.data.formats.to_odvg`). `max_per_phrase` keeps at most that many boxes per phrase (the web
 captions name single objects; None keeps all, as the paper). Records without a box are written too
-(the student's loader drops them, as the official CAPTION_MIN_BOX 1).
+(the student's loader drops them, as the official CAPTION_MIN_BOX 1). Deviation: a phrase's score may
+average only some of its words (`score_words`, `known_word_prompt`); the region written keeps the whole
+phrase. The same function runs a later self-training round with a student as the labeller.
 
 The web split's hidden boxes are never written: `pseudo_label_precision` reads them afterwards only to
 report how often a pseudo box is right (IoU >= 0.5 with the object of the caption phrase it overlaps).
@@ -24,8 +26,6 @@ from glip.data import NOVEL_WORDS, make_sample, to_odvg
 from glip.prompts import Prompt, PromptError, from_caption
 
 _WORD = re.compile(r"[A-Za-z]+")
-
-
 ARTICLES = frozenset({"a", "an", "the"})
 
 

@@ -29,7 +29,7 @@ from glip.data import GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES, from_odvg, make
 from glip.data.schema import SIZES
 from glip.data.captions import detection_prompt
 from glip.image import batch_images, to_tensor
-from glip.prompts import Prompt, positive_map, tokenize
+from glip.prompts import Prompt, PromptError, from_caption, positive_map, tokenize
 
 _SPATIAL = re.compile(r"\b(left|right)\b")
 _WORD = re.compile(r"[a-z]+")
@@ -139,8 +139,6 @@ def unlabelled_phrase_spans(caption: str, regions: list[list[tuple[int, int]]]) 
     that the turquoise circle is *not* turquoise — the opposite of self-training, and the novel words are
     exactly the ones the teacher scores low. With their tokens masked the student learns nothing about
     them from that image instead of the wrong thing."""
-    from glip.prompts import PromptError, from_caption
-
     try:
         prompt = from_caption(caption)
     except PromptError:
