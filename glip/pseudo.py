@@ -36,7 +36,8 @@ def known_word_prompt(prompt: Prompt, known: frozenset[str] | None, exclude: fro
 
     Why: a phrase's score is the mean of its tokens' scores. The teacher was trained with "a"/"the"
     outside every phrase (negatives everywhere) and has never seen the novel word, so both pull a correct
-    box for "a red crescent" down to ~0.4, while the one word that picks the object, "red", scores high.
+    box down (0.40 for "a big turquoise star" in web_s0_000000), while the known words that pick the
+    object score high.
     Scored by its known words, the phrase keeps the boxes the teacher can actually vouch for; the region
     written to the file still spans the whole noun phrase, so the student is taught the novel word too.
     A student that has learned the novel words labels with `known=None, exclude=ARTICLES` ("content")."""

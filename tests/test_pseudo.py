@@ -128,5 +128,5 @@ def test_known_word_scoring_writes_the_whole_phrase(tmp_path):
     plain, _ = pseudo_label(_FakeModel(), n=4, seed=0, batch_size=2, progress=False)
     assert recs == plain  # the fake model's boxes do not depend on spans: same records, same full-phrase spans
     assert stats["score_words"] == sorted(ATTRIBUTE_WORDS)
-    assert any(len(sp) and all(r["grounding"]["caption"][b:e].lower() in ATTRIBUTE_WORDS for b, e in sp)
-               for r, p in zip(recs, seen) for sp in p.spans)
+    assert any(len(sp) and all(p.caption[b:e].lower() in ATTRIBUTE_WORDS for b, e in sp)
+               for p in seen for sp in p.spans)

@@ -275,7 +275,7 @@ class Collate:
         T = max(int(enc["attention_mask"].sum(1).max()), 1)
         targets = [{"boxes": it["boxes"], "positive_map": it["positive_map"][:, :T]} for it in items]
         attention = enc["attention_mask"][:, :T]
-        loss_mask = torch.stack([it.get("loss_mask", torch.ones(self.max_len))[:T] for it in items]).to(attention.dtype)
+        loss_mask = torch.stack([it["loss_mask"][:T] for it in items]).to(attention.dtype)
         return {"images": images, "sizes": sizes, "input_ids": enc["input_ids"][:, :T],
                 "attention_mask": attention, "loss_mask": attention * loss_mask, "targets": targets,
                 "captions": [it["caption"] for it in items]}

@@ -85,18 +85,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The student starts from the teacher (a deviation from the paper, which trains it from scratch: on 2 CPU
+# cores there is no time for that) with a fresh LR cycle, and sees gold + pseudo-labelled web data.
+_STUDENT = TrainConfig(name="student", init_from="runs/teacher/model", steps=4000, max_minutes=35.0, lr=5e-4,
+                       warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
+                       mix=(0.3, 0.3, 0.4), out="runs/student")
+
 CONFIGS: dict[str, TrainConfig] = {
     "teacher": TrainConfig(),
-    # The student starts from the teacher (a deviation from the paper, which trains it from scratch: on 2 CPU
-    # cores there is no time for that) with a fresh LR cycle, and sees gold + pseudo-labelled web data.
-    "student": TrainConfig(name="student", init_from="runs/teacher/model", steps=4000, max_minutes=35.0, lr=5e-4,
-                           warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
-                           mix=(0.3, 0.3, 0.4), out="runs/student"),
+    "student": _STUDENT,
     # Self-training round 2: the round-1 student re-labels the web pairs (it now knows the novel words, so a
     # phrase is scored by all its words but the articles: `--score-words content`) and goes on training on them.
-    "student2": TrainConfig(name="student2", init_from="runs/student/model", steps=4000, max_minutes=30.0, lr=3e-4,
-                            warmup_steps=50, pseudo="runs/pseudo2/web.jsonl", pseudo_min_score=0.5,
-                            mix=(0.3, 0.3, 0.4), out="runs/student2"),
+    "student2": dataclasses.replace(_STUDENT, name="student2", init_from="runs/student/model", max_minutes=30.0,
+                                    lr=3e-4, pseudo="runs/pseudo2/web.jsonl", out="runs/student2"),
     # a few seconds: tests and smoke runs
     # (nn.Linear's projection init: whitening renders 512 scenes for their prompts, too slow for a smoke run)
     "tiny": TrainConfig(name="tiny", steps=6, batch_size=2, warmup_steps=1, max_minutes=5.0, ema=0.0,
@@ -300,7 +301,7 @@ def compute_loss(model, batch: dict, frozen_text: bool, contrastive_weight: floa
         text = model.encode_text(batch["input_ids"], batch["attention_mask"])
     head = model.ground(feats, text)
     return glip_loss(head.token_logits, head.bbox_reg, head.centerness, model.anchors(feats), batch["targets"],
-                     batch.get("loss_mask", batch["attention_mask"]), model.box_coder,
+                     batch["loss_mask"], model.box_coder,
                      contrastive_weight=contrastive_weight)
 
 
