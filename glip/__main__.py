@@ -45,7 +45,8 @@ def cmd_parity(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    rep = run_parity(a.fixture, atol=a.atol, rtol=a.rtol)
+    rep = run_parity(a.fixture, atol=a.atol, rtol=a.rtol, device=a.device, tf32=a.tf32)
+    print(f"parity on {a.device}" + (" (TF32 on)" if a.tf32 else ""))
     print(rep.table())
     return 0 if rep.ok else 1
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     s.add_argument("--atol", type=float, default=1e-4)
     s.add_argument("--rtol", type=float, default=1e-3)
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--tf32", action="store_true", help="leave TF32 on (CUDA; expect mismatches at 1e-4)")
     s.set_defaults(fn=cmd_parity)
 
     s = sub.add_parser("bench", help="time the stages and the cached paths")

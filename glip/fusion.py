@@ -65,9 +65,11 @@ class BiMultiHeadAttention(nn.Module):
         # text → image: softmax over image positions (the official max-subtraction and second clamp
         # only shift / cut values whose exp is already 0, so they are folded into softmax here).
         p_l = A.softmax(dim=2)
-        # image → text: mask padded tokens (-9e15, as official) and softmax over tokens.
+        # image → text: mask padded tokens (-9e15, as official; fp16's floor -65504 in half precision,
+        # below the ±CLAMP logits, so the same zeros after softmax) and softmax over tokens.
         pad = (mask_l == 0)[:, None, None, :]
-        p_v = (A.masked_fill_(pad, -9e15) if inplace else A.masked_fill(pad, -9e15)).softmax(dim=-1)
+        fill = max(-9e15, torch.finfo(A.dtype).min)
+        p_v = (A.masked_fill_(pad, fill) if inplace else A.masked_fill(pad, fill)).softmax(dim=-1)
         attn = None
         if keep_attention:
             attn = (p_v, p_l.transpose(-1, -2))

@@ -87,11 +87,27 @@ def compare_detections(name: str, boxes, scores, labels, ref: dict, box_tol=1e-2
     return Row(name, ok, max(worst_box, worst_score), note=f"{len(rb)} boxes; box err {worst_box:.1e} px, score err {worst_score:.1e}")
 
 
-def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3) -> ParityReport:
+def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3, device: str = "cpu",
+               tf32: bool = False) -> ParityReport:
+    """Every stage of `fixture` recomputed on `device`. On CUDA, TF32 matmuls/convolutions (PyTorch's
+    default for cuDNN convolutions) round inputs to 10 mantissa bits, far beyond the fixtures' 1e-4
+    tolerance, so they are switched off for the run unless `tf32` (then expect mismatches)."""
     fixture = Path(fixture)
+    dev = torch.device(device)
     io = torch.load(fixture / "io.pt", map_location="cpu", weights_only=True)
     cfg = GLIPConfig.load(fixture / "config.json")
-    model = load_model(fixture / "model.pth", config=cfg)
+    model = load_model(fixture / "model.pth", config=cfg, device=dev)
+    if dev.type == "cuda":
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            return _run(fixture, io, cfg, model, dev, atol, rtol)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return _run(fixture, io, cfg, model, dev, atol, rtol)
+
+
+def _run(fixture: Path, io: dict, cfg: GLIPConfig, model, dev: torch.device, atol: float, rtol: float) -> ParityReport:
     rep = ParityReport()
     seen: set[str] = set()
 
@@ -136,9 +152,9 @@ def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3) -> P
     hooks = [model.rpn.head.dyhead_tower[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
              for i in range(min(3, len(model.rpn.head.dyhead_tower)))]
     with torch.no_grad():
-        stages = model.backbone.body(batch)
+        stages = model.backbone.body(batch.to(dev))
         fpn = model.backbone.fpn(stages[1:])
-        text = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        text = model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
         head = model.ground(fpn, text, output_attentions=True)
         anchors = model.anchors(fpn)
     for h in hooks:
@@ -180,17 +196,18 @@ def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3) -> P
             rep.skipped.append(f"{prefix}.*")
             continue
         det = atss_postprocess([t[b] for t in head.token_logits], [t[b] for t in head.bbox_reg],
-                               [t[b] for t in head.centerness], anchors, pm, (h, w), model.box_coder,
+                               [t[b] for t in head.centerness], anchors, pm.to(dev), (h, w), model.box_coder,
                                float(io.get("post.inference_th", cfg.inference_th)),
                                int(io.get("post.pre_nms_top_n", cfg.pre_nms_top_n)),
                                float(io.get("post.nms_th", cfg.nms_th)),
                                int(io.get("post.detections_per_img", cfg.detections_per_img)))
         scale = torch.tensor([im.width / w, im.height / h, im.width / w, im.height / h])
         ref = {k: io[f"{prefix}.{k}"] for k in ("boxes", "scores", "labels")}
-        rep.rows.append(compare_detections(f"{prefix} (original px)", det.boxes * scale, det.scores, det.labels + 1, ref))
+        boxes, scores, labels = det.boxes.cpu(), det.scores.cpu(), det.labels.cpu()
+        rep.rows.append(compare_detections(f"{prefix} (original px)", boxes * scale, scores, labels + 1, ref))
         if f"{prefix}.boxes_resized" in io:
             ref_r = dict(ref, boxes=io[f"{prefix}.boxes_resized"])
-            rep.rows.append(compare_detections(f"{prefix}.boxes_resized", det.boxes, det.scores, det.labels + 1, ref_r))
+            rep.rows.append(compare_detections(f"{prefix}.boxes_resized", boxes, scores, labels + 1, ref_r))
         seen.update(f"{prefix}.{k}" for k in ("boxes", "scores", "labels", "boxes_resized"))
         for key, val in (("n_pre_nms", det.n_pre_nms), ("n_after_nms", det.n_after_nms)):
             if f"{prefix}.{key}" in io:

@@ -37,6 +37,7 @@ def atss_postprocess(token_logits: list[torch.Tensor], bbox_reg: list[torch.Tens
     """One image. token_logits[l]: (H·W, T); bbox_reg[l]: (4, H, W); centerness[l]: (1, H, W)."""
     coder = box_coder or BoxCoder()
     h, w = image_hw
+    pmap = pmap.to(token_logits[0].device)  # prompts are built on the CPU; the head may run on CUDA
     all_boxes, all_scores, all_labels, all_level, all_loc, cands = [], [], [], [], [], []
     for lvl, (logit, reg, ctr, anc) in enumerate(zip(token_logits, bbox_reg, centerness, anchors)):
         prob = phrase_scores(logit.float(), pmap)                     # (HW, P)

@@ -121,7 +121,7 @@ def test_official_checkpoint_round_trip(tmp_path, fp16):
     assert len(ref) > 0
     b = load_model(tmp_path / "official.pth", config=SMALL)
     b.save_pretrained(tmp_path / "ours", fp16=fp16)
-    c = GLIP.from_pretrained(tmp_path / "ours")
+    c = GLIP.from_pretrained(tmp_path / "ours", device="cpu")  # beside `a` (from_pretrained picks CUDA when present)
     assert c.config == a.config
     out = _outputs(c, image)
     if not fp16:
@@ -273,3 +273,22 @@ def test_attention_capture_is_opt_in_and_consistent(tiny_model):
     assert torch.allclose(att.text_to_image.sum(-1), torch.ones(1, 8, 256), atol=1e-5)
     for la, lb in zip(a.head.token_logits, b.head.token_logits):  # capturing does not change the outputs
         assert torch.equal(la, lb)
+
+
+def test_xmha_runs_in_half_precision_with_padded_tokens():
+    """Regression (found on an H200): the official -9e15 fill for padded tokens overflowed fp16
+    (predict(precision="fp16") raised). Half precision must run and match fp32 closely; padded tokens
+    must get zero image→text attention."""
+    from glip.fusion import BiMultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = BiMultiHeadAttention(v_dim=16, l_dim=12, embed_dim=32, num_heads=4, dropout=0.0).eval()
+    v, l = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        dv32, dl32, (p_v32, _) = attn(v, l, mask, keep_attention=True)
+        dv16, dl16, (p_v16, _) = attn.half()(v.half(), l.half(), mask, keep_attention=True)
+    assert torch.isfinite(dv16).all() and torch.isfinite(dl16).all()
+    assert p_v16[0, :, :, 3:].abs().max() == 0 and p_v32[0, :, :, 3:].abs().max() == 0
+    torch.testing.assert_close(dv16.float(), dv32, atol=5e-3, rtol=5e-2)
+    torch.testing.assert_close(dl16.float(), dl32, atol=5e-3, rtol=5e-2)

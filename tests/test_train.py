@@ -80,8 +80,10 @@ def test_steps_reduce_loss(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    full = train(micro(tmp_path, out=str(tmp_path / "full")), progress_bar=False, quiet=True)
-    part = micro(tmp_path, out=str(tmp_path / "part"))
+    # on the CPU: CUDA's non-deterministic kernels (atomics in the backward) drift past 1e-5 within
+    # 4 steps, resumed or not (seen on an H200); the resume logic is the same on both devices
+    full = train(micro(tmp_path, out=str(tmp_path / "full"), device="cpu"), progress_bar=False, quiet=True)
+    part = micro(tmp_path, out=str(tmp_path / "part"), device="cpu")
     train(part, progress_bar=False, quiet=True, stop_after=2)
     assert (tmp_path / "part" / "last.pt").is_file()
     resumed = train(part, resume=True, progress_bar=False, quiet=True)

@@ -228,8 +228,8 @@ def glip_loss(
         pos = torch.nonzero(matched >= 0).squeeze(1)
         if pos.numel() == 0:
             continue
-        pmap = (tgt["positive_map"] > 0).to(logits.dtype)
-        token_targets[i, pos] = pmap[matched[pos]].to(logits.device)
+        pmap = (tgt["positive_map"] > 0).to(logits.device, logits.dtype)
+        token_targets[i, pos] = pmap[matched[pos]]
         pos_img.append(torch.full_like(pos, i))
         pos_anchor.append(pos)
         pos_gt_boxes.append(boxes[matched[pos]])

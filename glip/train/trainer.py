@@ -54,6 +54,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     ema: float = 0.998                      # 0 = off
     seed: int = 0
+    device: str = "auto"                    # auto = CUDA when available (the data stream stays on the CPU)
     # data
     gold_seed: int = 0                      # world seed of the training scenes (evaluation uses others)
     n_gold_det: int = 50000
@@ -160,13 +161,20 @@ def _worker_init(_):
 # --------------------------------------------------------------------------------------------------
 # model / optimiser
 # --------------------------------------------------------------------------------------------------
+def train_device(tc: TrainConfig) -> torch.device:
+    if tc.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(tc.device)
+
+
 def build_model(tc: TrainConfig):
+    """The model to train, on `train_device(tc)`."""
     from glip.config import get_preset
     from glip.language import load_pretrained_text_encoder
     from glip.model import GLIP
 
     if tc.init_from:
-        model = GLIP.from_pretrained(tc.init_from)
+        model = GLIP.from_pretrained(tc.init_from, device="cpu")
     else:
         torch.manual_seed(tc.seed)
         model = GLIP(get_preset(tc.model).replace(**tc.model_overrides))
@@ -180,7 +188,7 @@ def build_model(tc: TrainConfig):
     if tc.text_lr <= 0:
         for p in model.language_backbone.parameters():
             p.requires_grad_(False)
-    return model
+    return model.to(train_device(tc))
 
 
 def training_captions(tc: TrainConfig, model_cfg, n: int) -> list[str]:
@@ -291,17 +299,18 @@ class EMA:
 
 
 def compute_loss(model, batch: dict, frozen_text: bool, contrastive_weight: float = 0.0):
-    images = batch["images"]
-    feats = model.encode_image(images)
+    dev = next(model.parameters()).device
+    ids, attention = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    feats = model.encode_image(batch["images"].to(dev, non_blocking=True))
     if frozen_text:
         model.language_backbone.eval()
         with torch.no_grad():
-            text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+            text = model.encode_text(ids, attention)
     else:
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        text = model.encode_text(ids, attention)
     head = model.ground(feats, text)
     return glip_loss(head.token_logits, head.bbox_reg, head.centerness, model.anchors(feats), batch["targets"],
-                     batch["loss_mask"], model.box_coder,
+                     batch["loss_mask"].to(dev), model.box_coder,
                      contrastive_weight=contrastive_weight)
 
 
@@ -332,7 +341,7 @@ def train(tc: TrainConfig, resume: bool = False, progress_bar: bool = True, quie
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
-            ema.shadow = state["ema"]
+            ema.shadow = {k: v.to(train_device(tc)) for k, v in state["ema"].items()}
         step, elapsed = int(state["step"]), float(state["elapsed"])
         torch.set_rng_state(state["torch_rng"])
         if not quiet:
