@@ -135,8 +135,9 @@ def test_shipped_models_meet_targets():
 
 
 def test_report_measures_every_round_and_keeps_rows_per_model(tmp_path):
-    """`python -m glip.train.report` end to end on micro models: teacher, shipped student and the round-1
-    student are all measured, both pseudo-label files are swept, the prompt table has a column per model."""
+    """`python -m glip.train.report` end to end on micro models: teacher, shipped student and the earlier
+    rounds are all measured (an absent round is skipped), every pseudo-label file is swept, the prompt table
+    has a column per model."""
     import json
 
     from glip.config import get_preset
@@ -145,22 +146,26 @@ def test_report_measures_every_round_and_keeps_rows_per_model(tmp_path):
     from glip.train.report import main
 
     cfg = get_preset("toy").replace(min_size_test=128, max_size_test=128, num_dyhead_blocks=1)
-    for k, name in enumerate(("t", "s1", "s2")):
+    for k, name in enumerate(("t", "s1", "s2", "s3")):
         torch.manual_seed(k)
         GLIP(cfg).save_pretrained(tmp_path / name / "model")
-    for name in ("p1", "p2"):
+    for name in ("p1", "p2", "p3"):
         recs = [odvg_record(s, scores=[0.8] * sum(len(p.box_ids) for p in s.phrases))
                 for s in (make_sample("web", i, 0) for i in range(3))]
         to_odvg(recs, tmp_path / f"{name}.jsonl")
     out = tmp_path / "metrics.json"
-    main(["--teacher", str(tmp_path / "t/model"), "--student", str(tmp_path / "s2/model"),
-          "--round1", str(tmp_path / "s1/model"), "--teacher-run", str(tmp_path / "t"),
-          "--student-run", str(tmp_path / "s2"), "--pseudo", str(tmp_path / "p1.jsonl"),
-          "--pseudo2", str(tmp_path / "p2.jsonl"), "--n", "2", "--n-prompt", "2", "--skip", "latency",
-          "--out", str(out)])
+    main(["--teacher", str(tmp_path / "t/model"), "--student", str(tmp_path / "s3/model"),
+          "--rounds", str(tmp_path / "s1/model"), str(tmp_path / "s2/model"), str(tmp_path / "absent/model"),
+          "--teacher-run", str(tmp_path / "t"), "--student-run", str(tmp_path / "s3"),
+          "--pseudo", *(str(tmp_path / f"p{k}.jsonl") for k in (1, 2, 3)), "--n", "2", "--n-prompt", "2",
+          "--skip", "latency", "--out", str(out)])
     rep = json.loads(out.read_text())
-    for role in ("teacher", "student", "student_round1"):
+    roles = ("teacher", "student", "student_round1", "student_round2")
+    for role in roles:
         assert {"test_det", "test_ground", "test_novel"} <= set(rep[role]["metrics"])
         assert role in rep["novel_by_word"]
-    assert rep["pseudo_labels"]["sweep"][0]["precision"] == 1.0 == rep["pseudo_labels_round2"]["sweep"][0]["precision"]
-    assert all({"teacher", "student", "student_round1"} <= set(r) for r in rep["prompt_engineering"]["rows"])
+    assert "student_round3" not in rep
+    assert rep["student_round2"]["model"] == str(tmp_path / "s2/model")
+    for key in ("pseudo_labels", "pseudo_labels_round2", "pseudo_labels_round3"):
+        assert rep[key]["sweep"][0]["precision"] == 1.0
+    assert all(set(roles) <= set(r) for r in rep["prompt_engineering"]["rows"])

@@ -144,6 +144,8 @@ def test_train_config_names():
     assert get_config("student").init_from == get_config("teacher").out + "/model"
     assert get_config("student2").init_from == get_config("student").out + "/model"
     assert get_config("student2").pseudo != get_config("student").pseudo
+    assert get_config("student3").init_from == get_config("student2").out + "/model"
+    assert len({get_config(n).pseudo for n in ("student", "student2", "student3")}) == 3
     with pytest.raises(ValueError):
         get_config("nope")
     assert dataclasses.asdict(get_config("teacher"))["steps"] > 0
@@ -319,3 +321,18 @@ def test_screened_out_pseudo_phrases_carry_no_loss(tmp_path):
     masked = compute_loss(model, batch, frozen_text=True, contrastive_weight=1.0).token
     unmasked = compute_loss(model, {**batch, "loss_mask": batch["attention_mask"]}, True, 1.0).token
     assert masked < unmasked  # fewer negatives counted: compute_loss reads the batch's loss_mask
+
+
+def test_train_cli_passes_device_and_workers(tmp_path, capsys):
+    """`python -m glip train --device cpu --workers 0`: the options reach the run's config."""
+    import json
+
+    from glip.__main__ import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "--config", "tiny", "--steps", "2", "--device", "cpu", "--workers", "0",
+                 "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["device"] == "cpu" and saved["num_workers"] == 0 and saved["steps"] == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    assert (out / "model" / "model.safetensors").is_file()

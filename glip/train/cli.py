@@ -15,7 +15,8 @@ def cmd_train(a) -> int:
     from .trainer import get_config, train
 
     tc = get_config(a.config, steps=a.steps, out=a.out, max_minutes=a.max_minutes, init_from=a.init_from,
-                    pseudo=a.pseudo, pseudo_min_score=a.pseudo_min_score, seed=a.seed, num_threads=a.threads)
+                    pseudo=a.pseudo, pseudo_min_score=a.pseudo_min_score, seed=a.seed, num_threads=a.threads,
+                    device=a.device, num_workers=a.workers)
     r = train(tc, resume=a.resume, progress_bar=not a.no_progress)
     print(json.dumps({"steps": r["steps"], "train_minutes": r["train_minutes"], "model": f"{tc.out}/model"}))
     return 0
@@ -69,6 +70,8 @@ def add_commands(sub) -> None:
     s.add_argument("--pseudo-min-score", type=float, default=None, help="keep pseudo regions scoring at least this")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--device", default=None, help="auto (CUDA when available, the default), cpu or cuda")
+    s.add_argument("--workers", type=int, default=None, help="data-loader processes rendering the scenes")
     s.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_train)

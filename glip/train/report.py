@@ -2,9 +2,9 @@
 
     python -m glip.train.report --teacher toy-teacher --student toy-student --seed 1 --n 200 --out assets/metrics.json
 
-Measures: test_det AP/AP50, test_ground and test_novel R@1/R@5 for both models (and the round-1 student,
-`--round1`, when it is there) on fresh-seed scenes;
-pseudo-label count and precision (against the web split's hidden truth, reporting only) with a threshold
+Measures: test_det AP/AP50, test_ground and test_novel R@1/R@5 for both models (and the earlier
+self-training rounds, `--rounds`, those that are there) on fresh-seed scenes;
+pseudo-label count and precision of every round's labels (`--pseudo`) (against the web split's hidden truth, reporting only) with a threshold
 sweep; the prompt-engineering table (novel word bare / with a description / replaced by a description);
 CPU predict latency on one scene (median of repeated runs, caches cleared); training time and loss curves.
 """
@@ -141,12 +141,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="toy-teacher")
     ap.add_argument("--student", default="toy-student")
-    ap.add_argument("--pseudo", default="runs/pseudo/web.jsonl", help="round-1 pseudo-labels (by the teacher)")
-    ap.add_argument("--pseudo2", default="runs/pseudo2/web.jsonl", help="round-2 pseudo-labels (by the round-1 student)")
-    ap.add_argument("--round1", default="runs/student/model",
-                    help="the round-1 student, measured too when --student is a later round (skipped if absent)")
+    ap.add_argument("--pseudo", nargs="*", default=["runs/pseudo/web.jsonl", "runs/pseudo2/web.jsonl", "runs/pseudo3/web.jsonl"],
+                    help="pseudo-labels of round 1, 2, … (by the teacher, then each round's student; absent ones skipped)")
+    ap.add_argument("--rounds", nargs="*", default=["runs/student/model", "runs/student2/model"],
+                    help="the students of rounds 1, 2, … before the shipped one, measured as student_round<k> "
+                         "(absent ones skipped)")
     ap.add_argument("--teacher-run", default="runs/teacher", help="run folder with the teacher's log and summary")
-    ap.add_argument("--student-run", default="runs/student2", help="run folder with the shipped student's log")
+    ap.add_argument("--student-run", default="runs/student3", help="run folder with the shipped student's log")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--n-prompt", type=int, default=100)
@@ -166,9 +167,12 @@ def main(argv=None) -> int:
     out_path = Path(a.out)
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
     report["eval"] = {"seed": a.seed, "n": a.n, "iou": 0.5, "note": "fresh-seed scenes (training uses world seed 0)"}
-    srcs = {"teacher": a.teacher, "student": a.student, "student_round1": a.round1}
-    runs = {"teacher": Path(a.teacher_run), "student": Path(a.student_run), "student_round1": Path(a.round1).parent}
-    roles = list(a.roles) + (["student_round1"] if "student" in a.roles and Path(a.round1).is_dir() else [])
+    srcs = {"teacher": a.teacher, "student": a.student}
+    runs = {"teacher": Path(a.teacher_run), "student": Path(a.student_run)}
+    for k, path in enumerate(a.rounds, 1):
+        if "student" in a.roles and Path(path).is_dir():
+            srcs[f"student_round{k}"], runs[f"student_round{k}"] = path, Path(path).parent
+    roles = list(a.roles) + [r for r in srcs if r.startswith("student_round")]
     models = {role: GLIP.from_pretrained(srcs[role]) for role in roles}
     for role, src in ((r, srcs[r]) for r in roles):
         entry = report.setdefault(role, {})
@@ -184,7 +188,8 @@ def main(argv=None) -> int:
             print(role, "\n" + format_table(entry["metrics"]), flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1))
-    for key, path in (("pseudo_labels", a.pseudo), ("pseudo_labels_round2", a.pseudo2)):
+    for k, path in enumerate(a.pseudo, 1):
+        key = "pseudo_labels" if k == 1 else f"pseudo_labels_round{k}"
         if "pseudo" in a.skip or not Path(path).is_file():
             continue
         recs = from_odvg(path)

@@ -99,6 +99,9 @@ CONFIGS: dict[str, TrainConfig] = {
     # phrase is scored by all its words but the articles: `--score-words content`) and goes on training on them.
     "student2": dataclasses.replace(_STUDENT, name="student2", init_from="runs/student/model", max_minutes=30.0,
                                     lr=3e-4, pseudo="runs/pseudo2/web.jsonl", out="runs/student2"),
+    # Round 3 (the shipped toy-student): the round-2 student re-labels them the same way; 25 minutes.
+    "student3": dataclasses.replace(_STUDENT, name="student3", init_from="runs/student2/model", max_minutes=25.0,
+                                    lr=3e-4, pseudo="runs/pseudo3/web.jsonl", out="runs/student3"),
     # a few seconds: tests and smoke runs
     # (nn.Linear's projection init: whitening renders 512 scenes for their prompts, too slow for a smoke run)
     "tiny": TrainConfig(name="tiny", steps=6, batch_size=2, warmup_steps=1, max_minutes=5.0, ema=0.0,
