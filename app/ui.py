@@ -478,7 +478,7 @@ class Explorer:
         i = random.randrange(0, 10_000)
         return (i,) + self.pick_sample(seed, i)
 
-    def compare(self, image, caption, sample_state, t_thr, s_thr, iou):
+    def compare(self, image, caption, sample_state, t_thr, s_thr, iou, best_only: bool = True):
         if image is None:
             raise gr.Error("Pick a web sample or add an image.", print_exception=False)
         if not caption or not caption.strip():
@@ -490,6 +490,8 @@ class Explorer:
         tr = teacher.predict(im, known_word_prompt(prompt, ATTRIBUTE_WORDS), threshold=float(t_thr),
                              max_dets=self.max_dets)
         sr = student.predict(im, prompt, threshold=float(s_thr), max_dets=self.max_dets)
+        if best_only:  # as `pseudo-label` keeps them (max_per_phrase=1)
+            tr, sr = tr.best_per_phrase(1), sr.best_per_phrase(1)
         names = render.phrase_labels(prompt.phrases)
         segs, cmap = render.highlighted_prompt(prompt, NOVEL_WORDS)
         t_img = render.annotate(tr, im)
@@ -704,6 +706,7 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
                             t_thr = gr.Slider(0.0, 1.0, value=0.05 if fb else 0.5, step=0.01, label="Teacher threshold")
                             s_thr = gr.Slider(0.0, 1.0, value=0.05 if fb else 0.3, step=0.01, label="Student threshold")
                             m_iou = gr.Slider(0.1, 0.95, value=0.5, step=0.05, label="Match IoU")
+                        best_in = gr.Checkbox(value=True, label="Best box per phrase (what pseudo-labelling keeps)")
                         cmp_btn = gr.Button("Compare", variant="primary", elem_id="cmp-btn")
                 ts_text = gr.HighlightedText(label="Caption: phrases and novel words", show_legend=True)
                 with gr.Row():
@@ -794,7 +797,7 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
         new_btn.click(friendly(ex.new_sample), [seed_in], sample_outputs, **priv)
         load_btn.click(friendly(lambda s, i: (int(i),) + ex.pick_sample(s, i)), [seed_in, index_in], sample_outputs, **priv)
         seed_in.submit(friendly(ex.web_gallery), [seed_in], [gallery], **priv)
-        cmp_btn.click(gpu(friendly(ex.compare)), [ts_image, ts_caption, sample_state, t_thr, s_thr, m_iou],
+        cmp_btn.click(gpu(friendly(ex.compare)), [ts_image, ts_caption, sample_state, t_thr, s_thr, m_iou, best_in],
                       [ts_text, gt_out, teacher_out, student_out, ts_df, ts_summary], concurrency_id="model", **priv)
 
         lab_btn.click(gpu(friendly(ex.prompt_lab)), [lab_image, pa, pb, lab_model, lab_thr],

@@ -1,6 +1,7 @@
 """Typed prediction results and their exports (supervision, JSON API, COCO)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,22 @@ class GroundingResult:
     def attentions(self):
         """X-MHA probabilities per fusion layer (only when predicted with output_attentions=True)."""
         return self.states[0].head.attentions if self.states else []
+
+    def best_per_phrase(self, k: int = 1) -> "GroundingResult":
+        """The k highest-scoring boxes of each phrase, in score order: what pseudo-labelling keeps
+        (`max_per_phrase`), and the readable view of a caption whose phrases name one object each
+        (per-phrase NMS at IoU 0.6 leaves looser duplicates)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        seen: dict[int, int] = {}
+        keep = []
+        for i, pid in enumerate(self.phrase_ids.tolist()):  # boxes are sorted by descending score
+            if seen.get(pid, 0) < k:
+                seen[pid] = seen.get(pid, 0) + 1
+                keep.append(i)
+        idx = np.asarray(keep, dtype=np.int64)
+        return dataclasses.replace(self, boxes=self.boxes[idx], scores=self.scores[idx],
+                                   phrase_ids=self.phrase_ids[idx], token_scores=self.token_scores[idx])
 
     def to_supervision(self):
         """→ `sv.Detections` (class_id = phrase index; names in data['class_name'])."""

@@ -182,6 +182,9 @@ def test_every_view_renders(explorer, scene):
     path_w, cap, st = explorer.pick_sample(0, 2)
     txt, gt, t_img, s_img, df, summary = explorer.compare(path_w, cap, st, 0.0, 0.0, 0.5)
     assert gt is not None and "Hidden truth" in summary and "truth" in df.columns
+    assert df["teacher"].max() <= 1 and df["student"].max() <= 1  # best box per phrase (the default)
+    *_, df_all, _ = explorer.compare(path_w, cap, st, 0.0, 0.0, 0.5, False)
+    assert df_all["student"].max() > 1 and (df_all["student"] >= df["student"]).all()
     assert render.NOVEL_LABEL in txt.color_map  # 'turquoise' is a novel word
     # own image + caption: no truth
     txt, gt, *_ , summary = explorer.compare(path_w, "a turquoise star", st, 0.0, 0.0, 0.5)  # edited caption

@@ -213,3 +213,30 @@ def test_cropping_text_to_the_prompt_length_changes_nothing(tiny_model, scene):
     for a, b in zip(fast.attentions, full.attentions):
         torch.testing.assert_close(a.image_to_text, b.image_to_text, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(a.text_to_image, b.text_to_image, atol=1e-6, rtol=1e-4)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=12), st.integers(1, 3))
+def test_best_per_phrase_keeps_the_top_k_of_each_phrase_in_order(pids, k):
+    from glip.prompts import Prompt
+    from glip.results import GroundingResult
+
+    n = len(pids)
+    scores = np.sort(np.random.default_rng(n).random(n).astype(np.float32))[::-1].copy()
+    res = GroundingResult(boxes=np.arange(4 * n, dtype=np.float32).reshape(n, 4), scores=scores,
+                          phrase_ids=np.array(pids, dtype=np.int64), prompt=Prompt("a b c d", ["a", "b", "c", "d"],
+                          [[(0, 1)], [(2, 3)], [(4, 5)], [(6, 7)]]), tokens=[],
+                          token_scores=np.arange(n, dtype=np.float32).reshape(n, 1), image_size=(10, 10))
+    best = res.best_per_phrase(k)
+    for p in set(pids):
+        want = [i for i, q in enumerate(pids) if q == p][:k]  # the first k = the k best (sorted by score)
+        got = [int(b[0]) // 4 for b, q in zip(best.boxes, best.phrase_ids) if q == p]
+        assert got == want
+    assert list(best.scores) == sorted(best.scores, reverse=True)
+    assert (best.token_scores[:, 0] == best.boxes[:, 0] / 4).all()  # rows stay aligned
+    with pytest.raises(ValueError):
+        res.best_per_phrase(0)
