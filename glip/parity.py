@@ -196,7 +196,7 @@ def _run(fixture: Path, io: dict, cfg: GLIPConfig, model, dev: torch.device, ato
             rep.skipped.append(f"{prefix}.*")
             continue
         det = atss_postprocess([t[b] for t in head.token_logits], [t[b] for t in head.bbox_reg],
-                               [t[b] for t in head.centerness], anchors, pm.to(dev), (h, w), model.box_coder,
+                               [t[b] for t in head.centerness], anchors, pm, (h, w), model.box_coder,
                                float(io.get("post.inference_th", cfg.inference_th)),
                                int(io.get("post.pre_nms_top_n", cfg.pre_nms_top_n)),
                                float(io.get("post.nms_th", cfg.nms_th)),

@@ -91,17 +91,18 @@ class TrainConfig:
 _STUDENT = TrainConfig(name="student", init_from="runs/teacher/model", steps=4000, max_minutes=35.0, lr=5e-4,
                        warmup_steps=50, pseudo="runs/pseudo/web.jsonl", pseudo_min_score=0.5,
                        mix=(0.3, 0.3, 0.4), out="runs/student")
+_STUDENT2 = dataclasses.replace(_STUDENT, name="student2", init_from="runs/student/model", max_minutes=30.0,
+                                lr=3e-4, pseudo="runs/pseudo2/web.jsonl", out="runs/student2")
 
 CONFIGS: dict[str, TrainConfig] = {
     "teacher": TrainConfig(),
     "student": _STUDENT,
     # Self-training round 2: the round-1 student re-labels the web pairs (it now knows the novel words, so a
     # phrase is scored by all its words but the articles: `--score-words content`) and goes on training on them.
-    "student2": dataclasses.replace(_STUDENT, name="student2", init_from="runs/student/model", max_minutes=30.0,
-                                    lr=3e-4, pseudo="runs/pseudo2/web.jsonl", out="runs/student2"),
+    "student2": _STUDENT2,
     # Round 3 (the shipped toy-student): the round-2 student re-labels them the same way; 25 minutes.
-    "student3": dataclasses.replace(_STUDENT, name="student3", init_from="runs/student2/model", max_minutes=25.0,
-                                    lr=3e-4, pseudo="runs/pseudo3/web.jsonl", out="runs/student3"),
+    "student3": dataclasses.replace(_STUDENT2, name="student3", init_from="runs/student2/model", max_minutes=25.0,
+                                    pseudo="runs/pseudo3/web.jsonl", out="runs/student3"),
     # a few seconds: tests and smoke runs
     # (nn.Linear's projection init: whitening renders 512 scenes for their prompts, too slow for a smoke run)
     "tiny": TrainConfig(name="tiny", steps=6, batch_size=2, warmup_steps=1, max_minutes=5.0, ema=0.0,
