@@ -227,14 +227,24 @@ def _np_tools():
     return PatternTagger(), nltk.RegexpParser(NP_GRAMMAR)
 
 
+_DETERMINER_TAGS = ("DT", "PRP$")  # "a", "the", "her": what starts a verb's object
+
+
 def _repair_tags(tagged: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """One contextual (Brill-style) repair of the lexicon tagger: a verb tag right after a determiner or an
-    adjective is a noun. The Pattern lexicon tags "cross" as a verb everywhere, so "an orange cross" would have no
-    noun phrase; NLTK's perceptron tagger gets this right from context."""
+    """Two contextual (Brill-style) repairs of the lexicon tagger, which tags each word out of context:
+    - a verb tag right after a determiner or an adjective is a noun. The Pattern lexicon tags "cross" as a verb
+      everywhere, so "an orange cross" would have no noun phrase;
+    - a plural-noun tag between a singular noun and a determiner is a verb. The lexicon tags "rides" and "chases"
+      as plural nouns, so "a man rides a horse" chunked as "a man rides". Noun compounds keep their tag
+      ("coffee cups on the table"): a determiner cannot follow a compound's head.
+    NLTK's perceptron tagger gets both right from context."""
     out: list[tuple[str, str]] = []
-    for w, t in tagged:
+    for k, (w, t) in enumerate(tagged):
         if t.startswith("VB") and out and (out[-1][1] == "DT" or out[-1][1].startswith("JJ")):
             t = "NN"
+        elif (t == "NNS" and out and out[-1][1] == "NN" and k + 1 < len(tagged)
+              and tagged[k + 1][1] in _DETERMINER_TAGS):
+            t = "VBZ"
         out.append((w, t))
     return out
 

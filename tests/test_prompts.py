@@ -395,3 +395,10 @@ def test_noun_phrase_tag_repair_finds_nouns_the_lexicon_calls_verbs():
     # Pattern's lexicon tags "cross" as a verb; after a determiner/adjective it is a noun (the repair).
     assert noun_phrases("an orange cross next to a red circle.") == ["an orange cross", "a red circle"]
     assert noun_phrases("the dog runs across the park") == ["the dog", "the park"]  # real verbs stay verbs
+
+
+def test_noun_phrase_tag_repair_finds_verbs_the_lexicon_calls_plural_nouns():
+    # Pattern's lexicon tags "rides"/"chases" as plural nouns: "a man rides a horse" chunked as "a man rides".
+    assert noun_phrases("a man rides a horse") == ["a man", "a horse"]
+    assert noun_phrases("The dog chases the ball.") == ["the dog", "the ball"]
+    assert noun_phrases("two coffee cups on the table") == ["coffee cups", "the table"]  # compounds stay nouns
