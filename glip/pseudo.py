@@ -124,7 +124,7 @@ def judge_regions(records: list[dict], iou: float = 0.5) -> tuple[list[dict], in
     for ri, r in enumerate(records):
         caption = r["grounding"]["caption"].lower()
         split, s_seed, index = parse_filename(r["filename"])
-        s = make_sample(split, index, s_seed)
+        s = make_sample(split, index, s_seed, render_image=False)
         n_phrases += len(s.phrases)
         for g in r["grounding"]["regions"]:
             box = torch.tensor([g["bbox"]], dtype=torch.float32)

@@ -43,6 +43,14 @@ def test_sample_alone_equals_sample_in_split():
         same_sample(make_sample(split, 5, seed=7), SPLIT_CACHE[split][5])
 
 
+def test_annotations_without_rendering_are_the_same():
+    for split in SPLITS:
+        for i in range(N):
+            bare, full = make_sample(split, i, seed=7, render_image=False), SPLIT_CACHE[split][i]
+            assert bare.image is None
+            assert (bare.caption, bare.phrases, bare.objs) == (full.caption, full.phrases, full.objs)
+
+
 def test_different_seeds_splits_indices_differ():
     a = np.asarray(make_sample("gold_ground", 0, seed=0).image)
     assert not np.array_equal(a, np.asarray(make_sample("gold_ground", 0, seed=1).image))

@@ -91,7 +91,7 @@ class Sample:
     """A scene. For gold_det/test_det the caption is the detection prompt and
     there is one phrase per category in it (negatives have empty box_ids)."""
 
-    image: Image.Image
+    image: Image.Image | None  # None: made with render_image=False (annotations only)
     objs: list[Obj]
     caption: str
     phrases: list[Phrase]
