@@ -116,7 +116,7 @@ def test_shipped_models_ground_fresh_scenes(name):
 
 @pytest.mark.slow
 def test_shipped_models_meet_targets():
-    """Targets of issue 3 on a small fresh-seed split (n=60): ~2-4 min on 2 CPU cores."""
+    """Targets of issue 3 on a small fresh-seed split (n=60): ~30 s on 2 idle CPU cores (all met since session 6)."""
     from glip.model import GLIP
 
     have = shipped_models()
