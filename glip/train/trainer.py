@@ -95,9 +95,9 @@ _STUDENT2 = dataclasses.replace(_STUDENT, name="student2", init_from="runs/stude
                                 max_minutes=30.0, lr=3e-4, pseudo="runs/pseudo2/web.jsonl", out="runs/student2")
 
 CONFIGS: dict[str, TrainConfig] = {
-    # The shipped models ran on step budgets (the steps each time budget gives on an idle 2-core CPU: 57.7
-    # steps/min for the teacher, 66-70 for the students), so a shared machine changes only their wall time;
-    # `max_minutes` still caps every run at the issue's limit.
+    # Step budgets: the steps each time budget gives on an idle 2-core CPU (>= 57.7 steps/min for the teacher,
+    # 66-70 for the students). The shipped models ran them with a looser time cap (README, "Training"), so a
+    # shared machine cost them wall time, not steps; here `max_minutes` caps every run at the issue's limit.
     "teacher": TrainConfig(steps=3460, max_minutes=60.0),
     "student": _STUDENT,
     # Self-training round 2: the round-1 student re-labels the web pairs (it now knows the novel words, so a
