@@ -95,7 +95,7 @@ _STUDENT2 = dataclasses.replace(_STUDENT, name="student2", init_from="runs/stude
                                 max_minutes=30.0, lr=3e-4, pseudo="runs/pseudo2/web.jsonl", out="runs/student2")
 
 CONFIGS: dict[str, TrainConfig] = {
-    # Step budgets: the steps each time budget gives on an idle 2-core CPU (>= 57.7 steps/min for the teacher,
+    # Step budgets: the steps each time budget gives on an idle 2-core CPU (58-60 steps/min for the teacher,
     # 66-70 for the students). The shipped models ran them with a looser time cap (README, "Training"), so a
     # shared machine cost them wall time, not steps; here `max_minutes` caps every run at the issue's limit.
     "teacher": TrainConfig(steps=3460, max_minutes=60.0),
