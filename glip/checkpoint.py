@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, GLIPConfig, get_preset
+from .errors import CheckpointError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FORMAT_VERSION = 1
@@ -40,8 +41,6 @@ def _minilm_state_dict() -> dict[str, torch.Tensor]:
 TEXT_ENCODERS = {"all-MiniLM-L6-v2": _minilm_state_dict}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded, with the reason and the offending keys."""
 
 
 # --- reading ------------------------------------------------------------------------------------

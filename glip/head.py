@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GLIPConfig
+from .config import CLAMP, GLIPConfig
 from .dyhead import DyConv
 from .fusion import FusionAttention, VLFuse
 from .language import BertFusionLayer, TextFeatures
-
-CLAMP = 50000.0
 
 
 class Scale(nn.Module):

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 MAX_PIXELS = 64_000_000        # refuse decompression bombs with a clear message
 MAX_SIDE = 4096                # larger inputs are downscaled first (the model sees ≤1333 px anyway)
 
 
-class ImageError(ValueError):
-    """A user-facing problem with an input image."""
 
 
 def load_image(image) -> Image.Image:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
-CLAMP = 50000.0  # the official overflow clamps (kept so fp16 stays finite)
+from .config import CLAMP
 
 
 @dataclass

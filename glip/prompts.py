@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import PromptError
+
 if TYPE_CHECKING:  # transformers is heavy to import; only load it when a tokenizer is needed
     from transformers import BatchEncoding, BertTokenizerFast
 
@@ -42,8 +44,6 @@ _MAX_CATEGORY_WORDS_PLAIN = 2
 _MAX_CATEGORY_CHARS = 48
 
 
-class PromptError(ValueError):
-    """A prompt that cannot be grounded; the message is meant to be shown to the user as is."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where ../shared lives, a small official-layout model, environment hygiene."""
+"""Shared test fixtures: the official reference fixture kept in tests/fixtures, a small official-layout model,
+environment hygiene."""
 from __future__ import annotations
 
 import os
@@ -13,9 +14,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GLIP_SHARED", REPO.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
-DOCS = SHARED / "docs"
+FIXTURES = REPO / "tests" / "fixtures"          # data produced by the official implementation (see its README)
+KEYS = FIXTURES / "checkpoint-keys"              # key / shape / dtype lists of the released checkpoints
 
 
 def fixture_dirs() -> list[Path]:
@@ -27,8 +27,7 @@ def fixture_dirs() -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_fixture() -> Path:
     p = FIXTURES / "glip-official-tiny"
-    if not (p / "model.pth").is_file():
-        pytest.skip("../shared/fixtures/glip-official-tiny is not available")
+    assert (p / "model.pth").is_file(), f"{p} is part of the repository"
     return p
 
 

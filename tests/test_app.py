@@ -18,16 +18,15 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO
-from glip.data import make_sample
-from glip.draw import hex_to_rgb, phrase_color
+from PIL import Image
 
 import app as app_pkg
 from app import render
 from app.models import STUDENT, ModelManager
 from app.ui import Explorer
+from glip.data import make_sample
+from glip.draw import hex_to_rgb, phrase_color
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------

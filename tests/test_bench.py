@@ -1,7 +1,8 @@
 """The benchmark script runs end to end (figures are printed by `python -m glip bench`, never asserted)."""
+from test_model import SMALL
+
 from glip import GLIP
 from glip.bench import format_rows, run_bench
-from test_model import SMALL
 
 
 def test_bench_smoke():

@@ -1,15 +1,12 @@
 """Tests for glip.boxes: anchors vs the official fixture, coder, IoU, NMS."""
 import math
-import os
-from pathlib import Path
 
-import pytest
 import torch
-
-import glip.boxes as boxes_mod
+from conftest import FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import glip.boxes as boxes_mod
 from glip.boxes import (
     BBOX_XFORM_CLIP,
     BoxCoder,
@@ -23,8 +20,7 @@ from glip.boxes import (
     nms,
 )
 
-SHARED = Path(os.environ.get("GLIP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURE = SHARED / "fixtures" / "glip-official-tiny" / "io.pt"
+FIXTURE = FIXTURES / "glip-official-tiny" / "io.pt"
 
 # ---------------------------------------------------------------- anchors
 
@@ -44,7 +40,6 @@ def test_grid_anchors_layout_row_major():
     assert a[3].tolist() == [-28, -20, 35, 43]
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixture folder absent")
 def test_grid_anchors_match_official_fixture():
     ref = torch.load(FIXTURE, weights_only=True)
     sizes = [(24, 44), (12, 22), (6, 11), (3, 6), (2, 3)]

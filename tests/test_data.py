@@ -12,9 +12,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from glip.data import (GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES, GOLD_SPLITS, NOVEL_WORDS, SPLITS,  # noqa: E402
-                       WorldConfig, detection_prompt, from_odvg, make_sample, make_split, object_mask,
-                       odvg_record, render, to_coco, to_odvg)
+from glip.data import (  # noqa: E402
+    GOLD_CATEGORIES,
+    GOLD_COLORS,
+    GOLD_SHAPES,
+    GOLD_SPLITS,
+    NOVEL_WORDS,
+    SPLITS,
+    WorldConfig,
+    detection_prompt,
+    from_odvg,
+    make_sample,
+    make_split,
+    object_mask,
+    odvg_record,
+    render,
+    to_coco,
+    to_odvg,
+)
 from glip.data.captions import RELATIONS, relations  # noqa: E402
 
 N = 12  # samples per split in the bulk checks

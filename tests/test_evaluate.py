@@ -5,8 +5,7 @@ import torch
 
 from glip.checkpoint import shipped_models
 from glip.data import ALL_CATEGORIES, make_split
-from glip.evaluate import (coco_metrics, evaluate, evaluate_detection, evaluate_grounding, recall_at_k,
-                           sample_prompt)
+from glip.evaluate import coco_metrics, evaluate, evaluate_detection, evaluate_grounding, recall_at_k, sample_prompt
 from glip.results import GroundingResult
 
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import KEYS, REPO, fixture_dirs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DOCS, REPO, fixture_dirs
 from glip import GLIP, GLIPConfig, get_preset
 from glip.checkpoint import IGNORED, CheckpointError, infer_config, load_model, read_official
 from glip.dyhead import deform_conv2d, reinterpret
@@ -48,9 +48,7 @@ def test_parity_cli_exit_codes(tiny_fixture, tmp_path):
 
 # --- key layout of the released checkpoints ------------------------------------------------------------
 def _manifest(name):
-    path = DOCS / f"glip-official-keys-{name}.tsv"
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
+    path = KEYS / f"glip-official-keys-{name}.tsv"
     rows = {}
     for line in path.read_text().splitlines():
         if line.startswith("#") or not line.strip():

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from glip.image import ImageError, load_image, resized_hw
 from glip.predictor import Predictor
 from glip.prompts import PromptError, from_categories

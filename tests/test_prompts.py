@@ -1,7 +1,6 @@
 """Tests for glip.prompts: official prompt layout, span -> token map, noun phrases, chunking, scores."""
 
 import itertools
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from conftest import FIXTURES  # noqa: E402
 
 from glip import prompts as P  # noqa: E402
 from glip.prompts import (  # noqa: E402
@@ -32,13 +33,7 @@ from glip.prompts import (  # noqa: E402
     tokenize,
 )
 
-
-def shared_dir() -> Path:
-    env = os.environ.get("GLIP_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-FIXTURE = shared_dir() / "fixtures" / "glip-official-tiny" / "io.pt"
+FIXTURE = FIXTURES / "glip-official-tiny" / "io.pt"
 
 
 def span_texts(prompt: Prompt):
@@ -54,7 +49,6 @@ def ids_of(caption):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason=f"official fixture not found at {FIXTURE}")
 def test_reproduces_official_fixture_exactly():
     io = torch.load(FIXTURE, weights_only=True)
     prompt = from_categories(io["entity_names"][0], style="demo")

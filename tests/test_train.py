@@ -109,8 +109,8 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_pseudo_dataset_uses_only_the_file(tmp_path):
-    from glip.data import make_sample, odvg_record, to_odvg
     from glip.config import get_preset
+    from glip.data import make_sample, odvg_record, to_odvg
 
     s = make_sample("web", 0, 0)
     rec = odvg_record(s, scores=[0.9] * sum(len(p.box_ids) for p in s.phrases))
@@ -198,9 +198,10 @@ def test_share_attribute_words_marks_every_occurrence_of_the_regions_own_attribu
 
 
 def test_shared_words_reach_the_positive_map():
+    from PIL import Image
+
     from glip.config import get_preset
     from glip.train.data import InputSpec, make_item
-    from PIL import Image
 
     spec = InputSpec(get_preset("toy").replace(**MICRO))
     caption = "red circle. red square. blue circle"

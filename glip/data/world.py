@@ -21,9 +21,26 @@ from PIL import Image
 
 from .captions import caption_for, describable, detection_prompt
 from .draw import BACKGROUNDS, make_background, object_mask, poly_box, polygon_mask, render, shape_polygon
-from .schema import (ALL_CATEGORIES, ALL_COLORS, ALL_SHAPES, GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES,
-                     GOLD_SPLITS, HIDDEN_BOX_SPLITS, NOVEL_COLORS, NOVEL_SHAPES, NOVEL_WORDS, PALETTE,
-                     SPLITS, STYLES, Obj, Phrase, Sample, category_name)
+from .schema import (
+    ALL_CATEGORIES,
+    ALL_COLORS,
+    ALL_SHAPES,
+    GOLD_CATEGORIES,
+    GOLD_COLORS,
+    GOLD_SHAPES,
+    GOLD_SPLITS,
+    HIDDEN_BOX_SPLITS,
+    NOVEL_COLORS,
+    NOVEL_SHAPES,
+    NOVEL_WORDS,
+    PALETTE,
+    SPLITS,
+    STYLES,
+    Obj,
+    Phrase,
+    Sample,
+    category_name,
+)
 
 __all__ = [
     "ALL_CATEGORIES", "ALL_COLORS", "ALL_SHAPES", "GOLD_CATEGORIES", "GOLD_COLORS", "GOLD_SHAPES",

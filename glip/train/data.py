@@ -26,8 +26,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from glip.data import GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES, from_odvg, make_sample
-from glip.data.schema import SIZES
 from glip.data.captions import detection_prompt
+from glip.data.schema import SIZES
 from glip.image import batch_images, to_tensor
 from glip.prompts import Prompt, PromptError, from_caption, positive_map, tokenize
 

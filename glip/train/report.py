@@ -159,10 +159,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
+    from glip.data import from_odvg
     from glip.evaluate import evaluate, format_table
     from glip.model import GLIP
     from glip.pseudo import sweep
-    from glip.data import from_odvg
 
     out_path = Path(a.out)
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
