@@ -1,12 +1,13 @@
 """Server-side rendering for the app: images with boxes, heat-map overlays, highlighted prompts, charts.
 
-One colour per phrase everywhere (`glip.draw.phrase_color(i)`): the boxes, the highlighted prompt, the
-legend, the token bars and the tables all use it.
+One style per phrase everywhere (`glip.draw.phrase_styles`): the boxes, the highlighted prompt, the legend,
+the token bars and the tables all use it. Charts wrap long prompts over several rows instead of shrinking.
 """
 from __future__ import annotations
 
+import copy
 import json
-import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -17,12 +18,14 @@ import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from glip.draw import draw_result, hex_to_rgb, phrase_color  # noqa: E402
+from glip.draw import PhraseStyle, draw_boxes, draw_result, font, phrase_styles, readable_text  # noqa: E402
 
 NOVEL_LABEL = "novel word"
 NOVEL_COLOR = "#ffd400"
 GRAY = "#9e9e9e"
 MAX_SHOWN_BOXES = 100  # the detections table and the image never show more
+TOKENS_PER_ROW = 22    # token charts wrap after this many tokens
+CSS_DASH = {"solid": "solid", "dashed": "dashed", "dotted": "dotted"}
 
 
 # --- labels and colours ------------------------------------------------------------------------------
@@ -36,15 +39,14 @@ def phrase_labels(phrases: list[str]) -> list[str]:
     return out
 
 
-def color_map(phrases: list[str]) -> dict[str, str]:
-    return {label: phrase_color(j) for j, label in enumerate(phrase_labels(phrases))}
+def color_map(phrases: list[str], styles: list[PhraseStyle] | None = None) -> dict[str, str]:
+    styles = styles or phrase_styles(phrases)
+    return {label: styles[j].color for j, label in enumerate(phrase_labels(phrases))}
 
 
 def highlighted_prompt(prompt, novel_words=()) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
-    """The caption as (segment, label) pairs for gr.HighlightedText, phrases labelled (coloured) by the
-    shared phrase colour, plus the color_map. `novel_words`: words highlighted with their own label."""
-    import re
-
+    """The caption as (segment, label) pairs for gr.HighlightedText, phrases labelled (coloured) by their
+    phrase style, plus the color_map. `novel_words`: words highlighted with their own label."""
     caption = prompt.caption
     labels = phrase_labels(prompt.phrases)
     owner = [None] * len(caption)
@@ -69,65 +71,44 @@ def highlighted_prompt(prompt, novel_words=()) -> tuple[list[tuple[str, str | No
 
 
 def legend_html(phrases: list[str], counts: list[int] | None = None) -> str:
+    styles = phrase_styles(phrases)
     items = []
     for j, label in enumerate(phrase_labels(phrases)):
+        st = styles[j]
         n = f" ({counts[j]})" if counts is not None else ""
-        items.append(f'<span class="glip-chip" style="border-color:{phrase_color(j)}">'
-                     f'<i style="background:{phrase_color(j)}"></i>{_esc(label)}{n}</span>')
+        items.append(f'<span class="glip-chip" style="border: 3px {CSS_DASH[st.dash]} {st.color}">'
+                     f'<i style="background:{st.color}"></i>{esc(label)}{n}</span>')
     return '<div class="glip-legend">' + "".join(items) + "</div>"
 
 
-def _esc(s: str) -> str:
+def cell_css(color: str) -> str:
+    """A table cell painted in a phrase colour with readable text."""
+    return f"background-color: {color}; color: {readable_text(color)}"
+
+
+def esc(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # --- images ------------------------------------------------------------------------------------------
-def annotate(result, image, highlight: int | None = None, max_boxes: int = MAX_SHOWN_BOXES) -> Image.Image:
-    if len(result) > max_boxes:
-        result = _first(result, max_boxes)
-    return draw_result(result, image, highlight=highlight)
-
-
-def _first(result, n):
-    import copy
-
+def first(result, n: int):
+    """The n best boxes of a result (boxes are sorted by score)."""
+    if len(result) <= n:
+        return result
     r = copy.copy(result)
     r.boxes, r.scores, r.phrase_ids, r.token_scores = (result.boxes[:n], result.scores[:n], result.phrase_ids[:n],
                                                        result.token_scores[:n])
     return r
 
 
-def draw_boxes(image: Image.Image, boxes, labels: list[str], colors: list[str], width: int = 3,
-               dashed: bool = False) -> Image.Image:
-    """Plain boxes with labels (ground truth, teacher/student views)."""
-    from glip.draw import _font
-
-    im = image.convert("RGB").copy()
-    d = ImageDraw.Draw(im)
-    font = _font(max(11, round(max(im.size) / 40)))
-    for b, lab, col in zip(boxes, labels, colors):
-        x1, y1, x2, y2 = (float(v) for v in b)
-        rgb = hex_to_rgb(col)
-        if dashed:
-            _dashed_rect(d, (x1, y1, x2, y2), rgb, width)
-        else:
-            d.rectangle([x1, y1, x2, y2], outline=rgb, width=width)
-        if lab:
-            tb = d.textbbox((0, 0), lab, font=font)
-            tw, th = tb[2] - tb[0], tb[3] - tb[1]
-            ty = y1 - th - 4 if y1 - th - 4 >= 0 else y1 + width
-            d.rectangle([x1, ty, x1 + tw + 6, ty + th + 4], fill=rgb)
-            d.text((x1 + 3, ty + 1 - tb[1]), lab, fill=(255, 255, 255), font=font)
-    return im
+def annotate(result, image, highlight: int | None = None, max_boxes: int = MAX_SHOWN_BOXES) -> Image.Image:
+    """Boxes of a result on `image` (the predicted image or a display copy of it)."""
+    return draw_result(first(result, max_boxes), image, highlight=highlight)
 
 
-def _dashed_rect(d, box, rgb, width, dash=8):
-    x1, y1, x2, y2 = box
-    for (a, b), (c, e) in (((x1, y1), (x2, y1)), ((x2, y1), (x2, y2)), ((x2, y2), (x1, y2)), ((x1, y2), (x1, y1))):
-        n = max(1, int(math.hypot(c - a, e - b) // dash))
-        for k in range(0, n, 2):
-            t0, t1 = k / n, min(1.0, (k + 1) / n)
-            d.line([(a + (c - a) * t0, b + (e - b) * t0), (a + (c - a) * t1, b + (e - b) * t1)], fill=rgb, width=width)
+def plain_boxes(image, boxes, labels: list[str], styles: list[PhraseStyle], source_size=None) -> Image.Image:
+    """Boxes with labels in given styles (ground truth, the box picked in the fusion tab)."""
+    return draw_boxes(image, boxes, labels, styles, source_size=source_size)
 
 
 def heat_overlay(image: Image.Image, heat, alpha: float = 0.6, cmap: str = "inferno", normalize: bool = True,
@@ -150,127 +131,157 @@ def heat_overlay(image: Image.Image, heat, alpha: float = 0.6, cmap: str = "infe
     return out
 
 
-def tile(items: list[tuple[Image.Image, str]], tile_size: int = 220, pad: int = 6) -> Image.Image:
-    """Captioned tiles side by side in one image (the layer strip)."""
-    from glip.draw import _font
-
-    font = _font(13)
-    th = 20
+def tile(items: list[tuple[Image.Image, str]], tile_size: int = 240, pad: int = 8) -> Image.Image:
+    """Captioned tiles side by side in one image (the layer strip); captions wrap under their tile."""
+    fnt = font(15)
     ims = []
     for im, _ in items:
         im = im.copy()
         im.thumbnail((tile_size, tile_size))
         ims.append(im)
-    H = max(im.height for im in ims) + th + 2 * pad
-    W = sum(im.width for im in ims) + pad * (len(ims) + 1)
+    line = 19
+    caps = [_wrap(cap, fnt, max(im.width, 120)) for im, (_, cap) in zip(ims, items)]
+    H = max(im.height for im in ims) + line * max(len(c) for c in caps) + 2 * pad
+    W = sum(max(im.width, 120) for im in ims) + pad * (len(ims) + 1)
     out = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(out)
     x = pad
-    for im, (_, cap) in zip(ims, items):
+    for im, cap in zip(ims, caps):
         out.paste(im, (x, pad))
-        d.text((x, pad + im.height + 3), cap, fill=(30, 30, 30), font=font)
-        x += im.width + pad
+        for k, text in enumerate(cap):
+            d.text((x, pad + im.height + 3 + k * line), text, fill=(20, 20, 20), font=fnt)
+        x += max(im.width, 120) + pad
     return out
+
+
+def _wrap(text: str, fnt, width: int) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        nxt = f"{cur} {w}".strip()
+        if cur and fnt.getlength(nxt) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = nxt
+    return lines + ([cur] if cur else [])
 
 
 def mark_point(image: Image.Image, xy, color=(255, 255, 255)) -> Image.Image:
     im = image.copy()
     d = ImageDraw.Draw(im)
     x, y = xy
-    r = max(4, round(max(im.size) / 80))
-    d.ellipse([x - r, y - r, x + r, y + r], outline=color, width=2)
-    d.line([x - 2 * r, y, x - r, y], fill=color, width=2)
-    d.line([x + r, y, x + 2 * r, y], fill=color, width=2)
+    r = max(5, round(max(im.size) / 80))
+    for col, w in (((0, 0, 0), 4), (color, 2)):
+        d.ellipse([x - r, y - r, x + r, y + r], outline=col, width=w)
+        d.line([x - 2 * r, y, x - r, y], fill=col, width=w)
+        d.line([x + r, y, x + 2 * r, y], fill=col, width=w)
     return im
 
 
 # --- charts ------------------------------------------------------------------------------------------
 def token_colors(tokens, prompt) -> list[str]:
     """Colour of each token: its phrase's colour, grey when it belongs to no phrase."""
+    styles = phrase_styles(prompt.phrases)
     out = []
     for t in tokens:
         col = GRAY
         for j, spans in enumerate(prompt.spans):
             if t.end > t.start and any(b <= t.start < e for b, e in spans):
-                col = phrase_color(j)
+                col = styles[j].color
                 break
         out.append(col)
     return out
 
 
+def _rows(n: int, per_row: int = TOKENS_PER_ROW) -> list[range]:
+    k = max(1, -(-n // per_row))
+    size = -(-n // k)  # balanced rows
+    return [range(i, min(n, i + size)) for i in range(0, n, size)] or [range(0)]
+
+
 def token_bars(tokens, values, colors, title: str, ylabel: str = "score", ylim=(0, 1), mark: list[int] | None = None):
-    """Bar chart over the prompt tokens (special tokens hatched)."""
+    """Bar chart over the prompt tokens (special tokens hatched), wrapped over rows of at most
+    TOKENS_PER_ROW tokens so that every label stays readable at any prompt length."""
     n = len(tokens)
-    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.32 * n + 2)), 3.0), dpi=90)
     v = np.nan_to_num(np.asarray(values, dtype=np.float32))
-    bars = ax.bar(range(n), v, color=colors, edgecolor="#333333", linewidth=0.4)
-    for t, b in zip(tokens, bars):
-        if t.special:
-            b.set_hatch("//")
-            b.set_alpha(0.5)
-    for i in mark or []:
-        if 0 <= i < n:
-            bars[i].set_edgecolor("black")
-            bars[i].set_linewidth(2.0)
-    ax.set_xticks(range(n))
-    ax.set_xticklabels([t.text for t in tokens], rotation=70, fontsize=8)
-    ax.set_ylabel(ylabel)
-    if ylim is not None:
-        top = float(np.nanmax(v)) if len(v) else 0.0
-        if ylim == (0, 1) and top < 0.2:  # very low scores (e.g. untrained weights): zoom in, and say so
-            ylim = (0, max(0.01, 1.15 * top))
-            ylabel += " (zoomed)"
-            ax.set_ylabel(ylabel)
-        ax.set_ylim(*ylim)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
+    rows = _rows(n)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10.0, 0.6 + 2.3 * len(rows)), dpi=100, squeeze=False)
+    top = float(np.nanmax(v)) if len(v) else 0.0
+    zoom = ylim == (0, 1) and top < 0.2   # very low scores (untrained weights): zoom in, and say so
+    lim = (0, max(0.01, 1.15 * top)) if zoom or ylim is None else ylim
+    for ax, idx in zip(axes[:, 0], rows):
+        idx = list(idx)
+        bars = ax.bar(range(len(idx)), v[idx], color=[colors[i] for i in idx], edgecolor="#333333", linewidth=0.5)
+        for b, i in zip(bars, idx):
+            if tokens[i].special:
+                b.set_hatch("//")
+                b.set_alpha(0.5)
+            if mark and i in mark:
+                b.set_edgecolor("black")
+                b.set_linewidth(2.2)
+        ax.set_xticks(range(len(idx)))
+        ax.set_xticklabels([tokens[i].text for i in idx], rotation=45, ha="right", fontsize=10)
+        ax.set_xlim(-0.6, max(len(idx), TOKENS_PER_ROW // 2) - 0.4)
+        ax.set_ylim(*lim)
+        ax.set_ylabel(ylabel + (" (zoomed)" if zoom else ""), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_title(title, fontsize=11)
     fig.tight_layout()
     plt.close(fig)
     return fig
 
 
 def layer_token_matrix(tokens, matrix, title: str, row_labels: list[str]):
-    """Rows (layers) × tokens heat map (image → text attention through depth)."""
+    """Rows (layers) × tokens heat map (image → text attention through depth), wrapped like token_bars."""
     m = np.asarray(matrix, dtype=np.float32)
-    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.32 * len(tokens) + 2)), 0.45 * len(row_labels) + 1.6), dpi=90)
-    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_yticks(range(len(row_labels)))
-    ax.set_yticklabels(row_labels, fontsize=8)
-    ax.set_xticks(range(len(tokens)))
-    ax.set_xticklabels([t.text for t in tokens], rotation=70, fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    rows = _rows(len(tokens))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10.0, (0.42 * len(row_labels) + 1.3) * len(rows) + 0.4), dpi=100,
+                             squeeze=False)
+    vmax = float(np.nanmax(m)) if m.size else 1.0
+    for ax, idx in zip(axes[:, 0], rows):
+        idx = list(idx)
+        im = ax.imshow(m[:, idx], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_yticks(range(len(row_labels)))
+        ax.set_yticklabels(row_labels, fontsize=9)
+        ax.set_xticks(range(len(idx)))
+        ax.set_xticklabels([tokens[i].text for i in idx], rotation=45, ha="right", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    axes[0, 0].set_title(title, fontsize=11)
     fig.tight_layout()
     plt.close(fig)
     return fig
 
 
 def sharpness_plot(values: list[float], labels: list[str], title: str):
-    fig, ax = plt.subplots(figsize=(4.2, 2.6), dpi=90)
-    ax.plot(range(len(values)), values, marker="o", color="#4363d8")
+    fig, ax = plt.subplots(figsize=(8.0, 3.2), dpi=100)
+    ax.plot(range(len(values)), values, marker="o", color="#4363d8", linewidth=2)
+    for x, y in enumerate(values):
+        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=9)
     ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylim(0, max(0.05, max(values) * 1.2) if values else 1)
-    ax.set_ylabel("sharpness (1 − H/Hmax)", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_xticklabels(labels, fontsize=10)
+    ax.set_ylim(0, max(0.05, max(values) * 1.3) if values else 1)
+    ax.set_ylabel("sharpness (1 − H/Hmax)", fontsize=10)
+    ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     plt.close(fig)
     return fig
 
 
-def phrase_compare_plot(names: list[str], a: list[float], b: list[float], label_a: str, label_b: str, title: str):
+def phrase_compare_plot(names: list[str], a: list[float], b: list[float], label_a: str, label_b: str, title: str,
+                        colors: list[str] | None = None):
     n = len(names)
-    fig, ax = plt.subplots(figsize=(max(5.0, min(14.0, 0.9 * n + 2)), 3.0), dpi=90)
+    colors = colors or [s.color for s in phrase_styles(names)]
+    fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.9 * n + 3)), 3.4), dpi=100)
     x = np.arange(n)
-    ax.bar(x - 0.2, a, width=0.4, label=label_a, color=[phrase_color(j) for j in range(n)], alpha=0.55, edgecolor="#333")
-    ax.bar(x + 0.2, b, width=0.4, label=label_b, color=[phrase_color(j) for j in range(n)], edgecolor="#333", hatch="..")
+    ax.bar(x - 0.2, a, width=0.4, label=label_a, color=colors, alpha=0.55, edgecolor="#333")
+    ax.bar(x + 0.2, b, width=0.4, label=label_b, color=colors, edgecolor="#333", hatch="..")
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=20, fontsize=8, ha="right")
+    ax.set_xticklabels(names, rotation=20, fontsize=9, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("best box score")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     plt.close(fig)
@@ -293,7 +304,7 @@ def metrics_plot(path: Path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"Could not read `{path.name}` ({e.__class__.__name__}: {e})."
     names = [label for _, _, label in METRIC_BARS]
-    fig, ax = plt.subplots(figsize=(7.5, 3.4), dpi=90)
+    fig, ax = plt.subplots(figsize=(8.0, 3.4), dpi=100)
     x = np.arange(len(names))
     for k, (m, col) in enumerate(zip(("teacher", "student"), ("#f58231", "#4363d8"))):
         bars = ax.bar(x + (k - 0.5) * 0.4, vals[m], width=0.4, label=m, color=col)

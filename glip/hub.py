@@ -187,6 +187,8 @@ def download(url: str, dest: str | Path, progress: ProgressFn | None = None, res
         check_free_space(dest.parent, (total - have if total else 0) + reserve)
         rate, done, last = _Rate(), have, 0.0
         rate(done)
+        if progress:
+            progress(Progress("download", done, total, 0.0))
         try:
             with _open_part(part, append=have > 0) as f:
                 while True:

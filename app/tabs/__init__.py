@@ -1,0 +1,1 @@
+"""One module per tab: its layout, callbacks and event wiring."""
