@@ -28,16 +28,7 @@ from .state import GroundRequest
 
 log = logging.getLogger("glip.app")
 DISPLAY_SIDE = 1280          # images are drawn on copies at most this large (boxes stay in original pixels)
-
-
-# --- adapters to library functions (one place each) ----------------------------------------------------------
-def vocabulary(model) -> frozenset[str] | None:
-    """The words a model was trained to ground, or None for an open vocabulary (a real GLIP)."""
-    try:
-        from glip.label import known_vocabulary  # the library's vocabulary of a model, where it exists
-    except ImportError:
-        return None
-    return known_vocabulary(model)
+DISPLAY_MIN = 640            # and at least this large: labels on a small image would cover it
 
 
 # --- error handling and outputs --------------------------------------------------------------------------------
@@ -143,7 +134,8 @@ class Core:
         return probe_size(path)
 
     def display(self, path: str) -> Image.Image:
-        """A copy of the image at most DISPLAY_SIDE px (EXIF-rotated, RGB), cached for the next views."""
+        """A copy of the image between DISPLAY_MIN and DISPLAY_SIDE px (EXIF-rotated, RGB) to draw on, cached for the
+        next views."""
         with self._display_lock:
             if path in self._display:
                 self._display.move_to_end(path)
@@ -152,6 +144,9 @@ class Core:
         with self.budget.hold(w * h):
             im = load_image(path)
             im.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.BILINEAR)
+            if max(im.size) < DISPLAY_MIN:
+                k = DISPLAY_MIN / max(im.size)
+                im = im.resize((round(im.width * k), round(im.height * k)), Image.BICUBIC)
         with self._display_lock:
             self._display[path] = im
             while len(self._display) > 8:
@@ -198,22 +193,34 @@ class Core:
             res = res.best_per_phrase(1)
         return model, res
 
+    def vocabulary(self, name: str) -> frozenset[str] | None:
+        """The words a model was trained to ground (its `vocabulary.txt`, read by the library), or None for an open
+        vocabulary (a released GLIP)."""
+        c = self.manager.menu.get(name)
+        if c is None or c.kind == "release":
+            return None
+        try:
+            from glip.label import known_vocabulary
+        except ImportError:  # a library without model vocabularies
+            return None
+        try:
+            return known_vocabulary(c.path if c.kind == "local" else name)
+        except GLIPError:
+            return None
+
     # --- honest framing -------------------------------------------------------------------------------------------
     def framing(self, name: str, image: str | None = None) -> str:
         """What a toy model knows, and that photos need a real GLIP: prominent for an image the app did not
         generate, one quiet line otherwise. Empty for a real GLIP."""
         if not self.manager.is_toy(name):
             return ""
-        try:
-            words = vocabulary(self.manager.get(name))
-        except GLIPError:
-            words = None
-        knows = (f"It grounds only these words: {', '.join(sorted(words))}." if words else
+        words = self.vocabulary(name)
+        knows = (f"It was trained to ground only these words: {', '.join(sorted(words))}." if words else
                  "It knows only the synthetic world's coloured shapes (the example scenes).")
         real = [n for n, c in self.manager.menu.items() if c.kind == "release"]
         how = (f"For photos pick a real GLIP in the model menu ({', '.join(real)}: downloaded once, then cached), "
                "or start the app with a checkpoint you have: `python app.py --model PATH`.")
         if image and not self.is_sample(image):
-            return (f"⚠️ **{name} is a toy model trained on a synthetic world, not on photos.** {knows} "
+            return (f"**Note: {name} is a toy model trained on a synthetic world, not on photos.** {knows} "
                     f"On a photo its boxes and scores mean nothing. {how}")
         return f"*{name} is a toy model.* {knows} {how}"

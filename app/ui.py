@@ -61,7 +61,7 @@ def models_table(manager: ModelManager) -> str:
 
 def status_lines(manager: ModelManager) -> str:
     lines = [manager.describe(n) for n in manager.menu if manager.status(n).busy or manager.status(n).state == "failed"]
-    return "\n\n".join(f"⏳ {x}" if "downloading" in x or "convert" in x or "loading" in x else f"⚠️ {x}" for x in lines)
+    return "\n\n".join(lines)
 
 
 def build_demo(manager: ModelManager | None = None) -> gr.Blocks:

@@ -225,7 +225,7 @@ def draw_boxes(image, boxes, labels: Sequence[str], styles: Sequence[PhraseStyle
     W, H = im.size
     sx, sy = (W / source_size[0], H / source_size[1]) if source_size else (1.0, 1.0)
     lw = width or max(2, round(max(W, H) / 300))
-    fnt = font(max(12, round(max(W, H) / 48)))
+    fnt = font(max(13, round(max(W, H) / 40)))
     overlay = Image.new("RGBA", im.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(overlay)
     placed: list[tuple[float, float, float, float]] = []
@@ -249,9 +249,11 @@ def draw_boxes(image, boxes, labels: Sequence[str], styles: Sequence[PhraseStyle
             d.line(seg, fill=(0, 0, 0, min(alpha, 150)), width=w + 2)
         for seg in _segments(*b, st.dash, w):
             d.line(seg, fill=col + (alpha,), width=w)
+    for i in order[::-1]:  # labels over every outline, the best box's last
         if i in rects:
+            st, alpha = styles[i], 255 if highlight is None or highlight == i else 80
             (rx1, ry1, rx2, ry2), tb = rects[i]
-            d.rectangle([rx1, ry1, rx2, ry2], fill=col + (min(alpha, 235),))
+            d.rectangle([rx1, ry1, rx2, ry2], fill=hex_to_rgb(st.color) + (min(alpha, 235),))
             d.text((rx1 + 3, ry1 + 2 - tb[1]), labels[i], fill=hex_to_rgb(st.text) + (alpha,), font=fnt)
     return Image.alpha_composite(im.convert("RGBA"), overlay).convert("RGB")
 

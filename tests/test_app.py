@@ -286,7 +286,7 @@ def test_every_view_renders(tabs, core, scene):
         index, value = [0, 1], "x"
 
     v = g.on_row_select(req, Sel())
-    assert v.bars_out is not None and v.image_out.size == s.image.size
+    assert v.bars_out is not None and v.image_out.size == core.display(path).size
     # deep fusion
     setup = f.setup(req)
     assert "fusion layers" in setup.fusion_info
@@ -296,7 +296,7 @@ def test_every_view_renders(tabs, core, scene):
         t = f.text_to_image(req, val(setup.tok_pick.choices[-1]), val(lc), val(hc), how)
         assert len(t.t2i_out) == 6 and t.strip_out.width > t.strip_out.height and t.sharp_out is not None
     v = f.image_to_text(req, setup.box_pick.value, "mean of heads", "rollout over layers")
-    assert v.click_img.size == s.image.size
+    assert v.click_img.size == core.display(path).size
     v = f.image_to_text(req, None, "head 1", "layer 1", point=(10.0, 20.0))
     a = f.ablation(req)
     assert list(a.abl_df.columns) == ["phrase", "fusion on", "fusion off", "Δ (on − off)"] and len(a.abl_df) == 2

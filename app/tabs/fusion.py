@@ -214,7 +214,7 @@ class FusionTab:
                 c["head_pick"] = gr.Dropdown(label="Head", choices=[])
                 c["combine_pick"] = gr.Radio(list(COMBINE), value="attention mass per pixel", label="Combine levels")
             c["t2i_note"] = gr.Markdown()
-            c["t2i_out"] = gr.Gallery(label="Text → image: combined, then P3..P7", columns=3, height="auto",
+            c["t2i_out"] = gr.Gallery(label="Text → image: combined, then P3..P7", columns=6, height="auto",
                                       object_fit="contain", elem_id="t2i-gallery")
             gr.Markdown("**Layer strip** — the same token in every fusion layer, then the rollout")
             c["strip_out"] = gr.Image(show_label=False, type="pil", interactive=False, elem_id="layer-strip")
@@ -230,8 +230,12 @@ class FusionTab:
             gr.Markdown("**Ablation** — the same prediction with the fusion residuals switched off.")
             c["abl_btn"] = gr.Button("Compare with fusion off")
             with gr.Row():
-                c["abl_on"] = gr.Image(label="Fusion on", interactive=False, elem_id="abl-on")
-                c["abl_off"] = gr.Image(label="Fusion off", interactive=False)
+                with gr.Column():
+                    gr.Markdown("**Fusion on**")
+                    c["abl_on"] = gr.Image(show_label=False, interactive=False, elem_id="abl-on")
+                with gr.Column():
+                    gr.Markdown("**Fusion off**")
+                    c["abl_off"] = gr.Image(show_label=False, interactive=False)
             with gr.Row():
                 c["abl_df"] = gr.Dataframe(headers=["phrase", "fusion on", "fusion off", "Δ (on − off)"],
                                            interactive=False, label="Best score per phrase")

@@ -200,6 +200,7 @@ class GroundTab:
     def build(self, choices: list[str], default: str, low_thresholds: bool):
         c, core = self.c, self.core
         with gr.Tab("Ground", id="ground"):
+            c["state"] = gr.State(None)
             with gr.Row():
                 with gr.Column(scale=5):
                     c["image_in"] = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
@@ -233,7 +234,7 @@ class GroundTab:
                 with gr.Column(scale=6):
                     gr.Markdown("**Boxes** (coloured by phrase; line style tells phrases of the same colour apart)")
                     c["image_out"] = gr.Image(show_label=False, type="pil", interactive=False, elem_id="image-out",
-                                              height=420)
+                                              height=560)
                     c["prompt_out"] = gr.HighlightedText(label="Prompt (click a phrase for its heat map)",
                                                          show_legend=False, show_inline_category=False,
                                                          combine_adjacent=False, elem_id="prompt-out")
@@ -245,9 +246,8 @@ class GroundTab:
                                              height=120)
             c["bars_out"] = gr.Plot(label="Per-token scores of the selected box", show_label=False, elem_id="token-bars")
             c["heat_pick"] = gr.Dropdown(label="Heat map for (phrase or token)", choices=[], elem_id="heat-pick")
-            c["heat_out"] = gr.Gallery(label="Dense S_ground: combined over levels, then P3..P7", columns=3,
+            c["heat_out"] = gr.Gallery(label="Dense S_ground: combined over levels, then P3..P7", columns=6,
                                        height="auto", object_fit="contain", elem_id="heat-gallery")
-        c["state"] = gr.State(None)
         return self
 
     def wire(self, priv: dict):

@@ -90,10 +90,12 @@ class PromptLabTab:
                         api_visibility="private")
             with gr.Row():
                 with gr.Column():
-                    c["lab_a"] = gr.Image(label="Prompt A", interactive=False, elem_id="lab-a")
+                    gr.Markdown("**Prompt A**")
+                    c["lab_a"] = gr.Image(show_label=False, interactive=False, elem_id="lab-a")
                     c["lab_ta"] = gr.HighlightedText(show_legend=False, show_inline_category=False, label="A")
                 with gr.Column():
-                    c["lab_b"] = gr.Image(label="Prompt B", interactive=False)
+                    gr.Markdown("**Prompt B**")
+                    c["lab_b"] = gr.Image(show_label=False, interactive=False)
                     c["lab_tb"] = gr.HighlightedText(show_legend=False, show_inline_category=False, label="B")
             with gr.Row():
                 c["lab_df"] = gr.Dataframe(headers=["#", "phrase A", "best A", "phrase B", "best B", "Δ (B − A)"],

@@ -32,18 +32,6 @@ LABEL_THRESHOLD = 0.5      # the labelling command's default (the paper's 0.5)
 
 
 # --- adapters to the library's labelling (one place each) -----------------------------------------------------
-def vocabulary(source) -> frozenset[str] | None:
-    """The words a model was trained to ground (None: an open vocabulary, e.g. a released GLIP)."""
-    try:
-        from glip.label import known_vocabulary
-    except ImportError:
-        return None
-    try:
-        return known_vocabulary(source)
-    except Exception:  # noqa: BLE001 - a model without a readable vocabulary is treated as open
-        return None
-
-
 def teacher_labels(teacher, vocab: frozenset[str] | None, image, prompt, threshold: float, best_only: bool):
     """The teacher's pseudo-labels of one image–caption pair: each phrase scored by the words the teacher knows
     (all words when it has no vocabulary), boxes above `threshold`, the best box per phrase when `best_only`.
@@ -94,7 +82,7 @@ class TeacherStudentTab:
     def web_gallery(self, seed, n: int = 8):
         from glip.data import make_sample
 
-        return CompareView(gallery=[(make_sample("web", i, int(seed)).image, f"web sample {i}") for i in range(n)])
+        return CompareView(gallery=[(make_sample("web", i, int(seed)).image, f"#{i}") for i in range(n)])
 
     def pick_sample(self, seed, index) -> CompareView:
         from glip.data import make_sample
@@ -131,10 +119,6 @@ class TeacherStudentTab:
         return CompareView(preset_note="\n\n".join(notes))
 
     # --- the comparison --------------------------------------------------------------------------------------------
-    def _source(self, name: str):
-        c = self.core.manager.menu.get(name)
-        return c.path if c is not None and c.kind == "local" else name
-
     def compare(self, image, caption, sample: WebSample | None, teacher_name, student_name, t_thr, s_thr, iou,
                 best_only: bool = True):
         if image is None:
@@ -148,7 +132,7 @@ class TeacherStudentTab:
         for r in (tr_, sr_):
             if r.note:
                 gr.Warning(r.note)
-        tv, sv = vocabulary(self._source(tr_.name)), vocabulary(self._source(sr_.name))
+        tv, sv = self.core.vocabulary(tr_.name), self.core.vocabulary(sr_.name)
         novel = sorted(sv - tv) if tv is not None and sv is not None else []
         im = self.core.display(str(image))
         w, h = self.core.image_size(str(image))
@@ -232,6 +216,7 @@ class TeacherStudentTab:
     def build(self, choices: list[str], low_thresholds: bool):
         c = self.c
         with gr.Tab("Teacher vs student", id="teacher"):
+            c["sample"] = gr.State(None)
             gr.Markdown("Self-training (paper §7.1): a **teacher** trained on human-annotated data pseudo-labels web "
                         "image–caption pairs (the caption's noun phrases, boxes above the labelling threshold); a "
                         "**student** learns from them. The released GLIP-T is the student of GLIP-T (C): its gain is on "
@@ -266,10 +251,16 @@ class TeacherStudentTab:
                     c["cmp_btn"] = gr.Button("Compare", variant="primary", elem_id="cmp-btn")
             c["ts_text"] = gr.HighlightedText(label="Caption: phrases (and words only the student learned)",
                                               show_legend=True)
-            with gr.Row():
-                c["gt_out"] = gr.Image(label="Ground truth (synthetic web samples only)", interactive=False)
-                c["teacher_out"] = gr.Image(label="Teacher pseudo-labels", interactive=False, elem_id="teacher-out")
-                c["student_out"] = gr.Image(label="Student predictions", interactive=False)
+            with gr.Row():  # headings above, not badges over the images (they would hide box labels)
+                with gr.Column():
+                    gr.Markdown("**Ground truth** (synthetic web samples only)")
+                    c["gt_out"] = gr.Image(show_label=False, interactive=False)
+                with gr.Column():
+                    gr.Markdown("**Teacher pseudo-labels**")
+                    c["teacher_out"] = gr.Image(show_label=False, interactive=False, elem_id="teacher-out")
+                with gr.Column():
+                    gr.Markdown("**Student predictions**")
+                    c["student_out"] = gr.Image(show_label=False, interactive=False)
             c["ts_summary"] = gr.Markdown(elem_id="ts-summary")
             c["ts_df"] = gr.Dataframe(interactive=False, label="Agreement per phrase", elem_id="ts-table")
             with gr.Row():
@@ -279,7 +270,6 @@ class TeacherStudentTab:
             with gr.Accordion("Measured metrics of the toy pair (known vs novel words)", open=False):
                 c["metrics_note"] = gr.Markdown()
                 c["metrics_plot"] = gr.Plot(show_label=False)
-        c["sample"] = gr.State(None)
         return self
 
     def wire(self, priv: dict, demo: gr.Blocks):
