@@ -83,6 +83,8 @@ def float_range(low: float, high: float, low_open: bool = False, high_open: bool
     def check(text: str) -> float:
         v = _float(text)
         if v < low or v > high or (low_open and v == low) or (high_open and v == high):
+            if math.isinf(high):
+                raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '≥'} {low:g}, got {v:g}")
             lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
             raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {v:g}")
         return v
