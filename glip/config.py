@@ -313,15 +313,15 @@ PRESETS: dict[str, GLIPConfig] = {
         swin_window_size=12, swin_drop_path_rate=0.4, num_dyhead_blocks=8,
     ),
 }
-# This project's small GLIP (issue 3): the same classes at reduced widths, MiniLM-L6 as the (frozen) text
-# encoder, 256 px inputs (the world renders 320 px scenes; objects become 26-74 px), anchors halved to match
-# (32..512 on strides 8..128), a 128-token query (the longest prompt of the synthetic world, all 36 gold
+# This project's small GLIP for the synthetic world: the same classes at reduced widths, MiniLM-L6 as the
+# (frozen) text encoder, 256 px inputs (the world renders 320 px scenes; objects become 26-74 px), anchors halved
+# to match (32..512 on strides 8..128), a 128-token query (the longest prompt of the synthetic world, all 36 gold
 # categories, is 121 tokens; longer prompts are chunked), 8-px windows (64/32/16/8 grids need no padding) and
-# 2 DyHead blocks: a batch-8 training step takes ~0.8 s on 2 CPU cores (measured, see the README, "The toy models").
+# 2 DyHead blocks, so that it trains on a CPU (docs/toy-world.md).
 PRESETS["toy"] = GLIPConfig(
     name="toy", swin_embed_dim=32, swin_depths=(2, 2, 2, 2), swin_num_heads=(2, 4, 8, 16), swin_window_size=8,
     swin_drop_path_rate=0.1, channels=64, num_dyhead_blocks=2, fusion_embed_dim=256, fusion_num_heads=8,
-    fused_dot_product=False,  # S_ground on MiniLM's token features: the fused ones collapsed (README, "The toy models")
+    fused_dot_product=False,  # S_ground on MiniLM's token features: the fused ones collapsed (docs/toy-world.md)
     bert=dict(MINILM_L6), text_encoder="all-MiniLM-L6-v2", max_query_len=128, min_size_test=256, max_size_test=256,
     anchor_sizes=(32, 64, 128, 256, 512),
 )

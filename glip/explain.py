@@ -34,7 +34,7 @@ from .boxes import box_iou_numpy, scale_boxes
 from .config import FPN_STRIDES as STRIDES
 from .prompts import tokens_in_spans
 
-_iou = box_iou_numpy  # the name this module used before `glip.boxes.box_iou_numpy`
+_iou = box_iou_numpy  # also importable from here (callers import it under this name)
 
 
 # --- the visual axis ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from .prompts import Prompt, PromptError, from_categories, parse_prompt, prompt_
 from .results import GroundingResult
 from .runtime import autocast
 
-_autocast = autocast  # the name this module used before `glip.runtime.autocast`
+_autocast = autocast  # also importable from here (callers import it under this name)
 
 
 class LRU(OrderedDict):

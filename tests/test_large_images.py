@@ -134,7 +134,7 @@ def test_probe_size_reads_only_the_header():
 
 def test_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
     """Peak memory of loading a 6000×6000 JPEG for a 1333-px model: the decoder runs at 1/4 scale, so the
-    process grows by far less than the 108 MB a full decode needs (measured in a fresh process)."""
+    process grows by far less than the 108 MB a full decode needs (read from a fresh process's peak RSS)."""
     path = tmp_path / "big.jpg"
     Image.new("RGB", (6000, 6000), (200, 30, 40)).save(path, "JPEG", quality=90)
     code = (

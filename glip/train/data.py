@@ -1,4 +1,4 @@
-"""Training data over the synthetic world (issue 3).
+"""Training data over the synthetic world.
 
 Three sources, one item format:
 
