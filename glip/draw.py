@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .boxes import scale_boxes
 from .image import load_image
 
 # Tableau-like palette: distinct, readable on light and dark images, colour-blind friendlier than HSV cycling.
@@ -27,16 +28,18 @@ def _font(size: int):
 
 
 def draw_result(result, image, width: int | None = None, show_scores: bool = True, highlight: int | None = None) -> Image.Image:
-    """Boxes coloured by phrase, labelled "phrase score". `highlight`: index of a box to emphasise."""
+    """Boxes coloured by phrase, labelled "phrase score". `highlight`: index of a box to emphasise.
+    Drawn on `load_image(image)` (shrunk if over MAX_SIDE): the boxes are scaled from the original frame."""
     im = load_image(image).copy()
     W, H = im.size
+    boxes = scale_boxes(result.boxes, result.image_size, im.size)
     lw = width or max(2, round(max(W, H) / 250))
     font = _font(max(11, round(max(W, H) / 45)))
     overlay = Image.new("RGBA", im.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(overlay)
     order = list(range(len(result)))[::-1]  # draw the best box last (on top)
     for i in order:
-        x1, y1, x2, y2 = (float(v) for v in result.boxes[i])
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
         col = hex_to_rgb(phrase_color(result.phrase_ids[i]))
         alpha = 255 if highlight is None or highlight == i else 90
         d.rectangle([x1, y1, x2, y2], outline=col + (alpha,), width=lw + (2 if highlight == i else 0))
