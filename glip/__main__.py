@@ -1,20 +1,41 @@
-"""Command line: `python -m glip {predict,convert,parity,bench,...} --help`."""
+"""Command line: `python -m glip {predict,convert,parity,bench,...} --help`.
+
+Bad arguments and inputs end with one line on stderr and exit code 2 (see `glip.cli_args`).
+"""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from .cli_args import (
+    Parser,
+    device,
+    existing_dir,
+    float_range,
+    image_output,
+    int_range,
+    iou,
+    nonnegative_float,
+    probability,
+    run_command,
+    threads,
+)
+from .config import PRESETS
+from .errors import ConfigError
+
 
 def cmd_predict(a) -> int:
+    from .image import probe_size
     from .model import GLIP
 
+    probe_size(a.image)  # a missing or unreadable image fails before the model is loaded
     model = GLIP.from_pretrained(a.model, config=a.config, device=a.device)
     res = model.predict(a.image, a.prompt, threshold=a.threshold, nms_iou=a.nms_iou, max_dets=a.max_dets,
-                        min_size=a.min_size, max_size=a.max_size, mode=a.mode,
-                        phrases=a.phrase or None)
+                        min_size=a.min_size, max_size=a.max_size, mode=a.mode, phrases=a.phrase or None,
+                        candidate_threshold=a.candidate_threshold)
     if a.json:
-        print(json.dumps({"caption": res.prompt.caption, "phrases": res.prompt.phrases, "detections": res.to_json()}, indent=1))
+        print(json.dumps({"caption": res.prompt.caption, "phrases": res.prompt.phrases,
+                          "image_size": list(res.image_size), "detections": res.to_json()}, indent=1))
     else:
         print(f"caption: {res.prompt.caption!r}")
         print(f"phrases: {res.prompt.phrases}")
@@ -25,16 +46,23 @@ def cmd_predict(a) -> int:
     if a.out:
         from .draw import draw_result
 
-        draw_result(res, a.image).save(a.out)
+        try:
+            draw_result(res, a.image).save(a.out)
+        except OSError as e:
+            raise ConfigError(f"--out {a.out}: cannot write the image ({e.strerror or e})") from None
         print(f"wrote {a.out}", file=sys.stderr)
     return 0
 
 
 def cmd_convert(a) -> int:
-    from .checkpoint import convert
+    from .model import GLIP
 
-    out = convert(a.src, a.out_dir, fp16=a.fp16, config=a.config)
-    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    model = GLIP.from_pretrained(a.src, config=a.config, device=None)
+    try:
+        model.save_pretrained(a.out_dir, fp16=a.fp16)
+    except OSError as e:
+        raise ConfigError(f"{a.out_dir}: cannot write the converted model ({e.strerror or e})") from None
+    print(f"wrote {a.out_dir}/model.safetensors and {a.out_dir}/config.json")
     return 0
 
 
@@ -56,7 +84,9 @@ def cmd_bench(a) -> int:
 
     from .bench import format_rows, run_bench
 
-    devices = [a.device] if a.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    devices = [a.device] if a.device and a.device != "auto" else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if a.precision == "fp16" and any(not d.startswith("cuda") for d in devices):
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU (or --device cuda)")
     for dev in devices:
         rows = run_bench(a.preset, a.height, a.width, a.runs, dev, a.precision)
         print(format_rows(rows, f"{a.preset} {a.height}x{a.width} on {dev} ({torch.get_num_threads()} threads), "
@@ -64,8 +94,8 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m glip", description=__doc__)
+def build_parser() -> Parser:
+    p = Parser(prog="python -m glip", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("predict", help="ground a prompt in an image")
@@ -75,14 +105,16 @@ def main(argv=None) -> int:
     s.add_argument("--prompt", required=True, help='caption or category list ("person . dog")')
     s.add_argument("--phrase", action="append", help="explicit phrase of the caption to ground (repeatable)")
     s.add_argument("--mode", default="auto", choices=["auto", "categories", "caption"])
-    s.add_argument("--threshold", type=float, default=0.5)
-    s.add_argument("--nms-iou", type=float, default=None)
-    s.add_argument("--max-dets", type=int, default=100)
-    s.add_argument("--min-size", type=int, default=None)
-    s.add_argument("--max-size", type=int, default=None)
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    s.add_argument("--threshold", type=probability, default=0.5, help="keep boxes scoring above this (0..1)")
+    s.add_argument("--nms-iou", type=iou, default=None, help="per-phrase NMS IoU (0..1], default from the config")
+    s.add_argument("--candidate-threshold", type=float_range(0.0, 1.0, high_open=True), default=None,
+                   help="ATSS candidate score before NMS (default from the config, officially 0.05)")
+    s.add_argument("--max-dets", type=int_range(1, 1000), default=100)
+    s.add_argument("--min-size", type=int_range(32, 4096), default=None, help="test-time shorter side (pixels)")
+    s.add_argument("--max-size", type=int_range(32, 8192), default=None, help="test-time longer side cap (pixels)")
+    s.add_argument("--device", type=device, default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--out", default=None, help="write the annotated image here")
+    s.add_argument("--out", type=image_output, default=None, help="write the annotated image here (.png, .jpg)")
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("convert", help="official .pth → safetensors + config.json")
@@ -93,35 +125,34 @@ def main(argv=None) -> int:
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("parity", help="compare with an official reference fixture, stage by stage")
-    s.add_argument("fixture")
-    s.add_argument("--atol", type=float, default=1e-4)
-    s.add_argument("--rtol", type=float, default=1e-3)
-    s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("fixture", type=existing_dir, help="folder with model.pth, config.json, io.pt and image*.png")
+    s.add_argument("--atol", type=nonnegative_float, default=1e-4)
+    s.add_argument("--rtol", type=nonnegative_float, default=1e-3)
+    s.add_argument("--threads", type=threads, default=None, help="CPU threads (default: torch's choice)")
+    s.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--tf32", action="store_true", help="leave TF32 on (CUDA; expect mismatches at 1e-4)")
     s.set_defaults(fn=cmd_parity)
 
     s = sub.add_parser("bench", help="time the stages and the cached paths")
-    s.add_argument("--preset", default="glip-t")
-    s.add_argument("--height", type=int, default=800)
-    s.add_argument("--width", type=int, default=1333)
-    s.add_argument("--runs", type=int, default=3)
-    s.add_argument("--device", default=None)
+    s.add_argument("--preset", default="glip-t", choices=sorted(PRESETS))
+    s.add_argument("--height", type=int_range(32, 8192), default=800)
+    s.add_argument("--width", type=int_range(32, 8192), default=1333)
+    s.add_argument("--runs", type=int_range(1, 1000), default=3)
+    s.add_argument("--device", type=device, default=None, help="cpu or cuda[:N] (default: every device present)")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     s.set_defaults(fn=cmd_bench)
 
     try:
-        from .train.cli import add_commands  # training, pseudo-labelling, evaluation (issue 3)
+        from .train.cli import add_commands  # training, pseudo-labelling, evaluation
         add_commands(sub)
     except ImportError:
         pass
+    return p
 
-    a = p.parse_args(argv)
-    try:
-        return a.fn(a)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return run_command(a.fn, a)
 
 
 if __name__ == "__main__":

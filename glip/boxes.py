@@ -1,10 +1,17 @@
-"""Box geometry shared by GLIP inference and training.
+"""Box geometry shared by GLIP inference, training, evaluation and the explanations: the one home of
+anchors, the box coder, areas, IoU, NMS and box rescaling.
 
-Everything here follows the official maskrcnn_benchmark conventions that GLIP
-inherited (spec §1.8, §3.6): pixel boxes are inclusive, so a box's width is
-``x2 - x1 + 1`` ("+1 convention"). Getting this wrong shifts every decoded
-box by half a pixel and changes NMS decisions, so it is explicit everywhere.
-GIoU for the training loss is the one exception: it has no +1 (spec §4).
+Two IoU conventions, each where the official code uses it:
+
+* **+1 (inclusive pixels)**, the maskrcnn_benchmark convention GLIP inherited: a box's width is
+  ``x2 - x1 + 1``. Used by the box coder, ``box_area``/``box_iou`` (``plus_one=True``, the default),
+  ``clip_boxes`` and NMS (official ``boxlist_iou`` / ``ml_nms``), hence by ATSS target assignment and
+  post-processing. Getting it wrong shifts every decoded box by half a pixel and changes NMS decisions.
+* **no +1 (continuous coordinates)**: the GIoU training loss (``generalized_box_iou``, as official), and
+  comparisons of boxes as geometry — matching two predictions, or a prediction with a drawn ground-truth
+  box (``box_iou_numpy``, the rule ``supervision.match_detections`` and COCO's ``maskUtils.iou`` apply;
+  ``iou`` for two single boxes, e.g. while placing objects). ``box_iou(..., plus_one=False)`` is the same
+  rule in torch.
 
 Pure PyTorch: the official ``ml_nms`` is a CUDA-only compiled op (spec §5).
 """
@@ -12,26 +19,30 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .config import ANCHOR_SIZES as DEFAULT_ANCHOR_SIZES
+from .config import FPN_STRIDES as DEFAULT_STRIDES
 
 __all__ = [
     "BoxCoder",
     "batched_nms",
     "box_area",
     "box_iou",
+    "box_iou_numpy",
     "cell_anchor",
     "clip_boxes",
     "generalized_box_iou",
     "grid_anchors",
+    "iou",
     "nms",
+    "scale_boxes",
 ]
 
 # dw/dh are clamped so exp() cannot blow up a box beyond 1000/16 x its anchor.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
-
-DEFAULT_STRIDES = (8, 16, 32, 64, 128)
-DEFAULT_ANCHOR_SIZES = (64, 128, 256, 512, 1024)
 
 
 # --------------------------------------------------------------------------
@@ -149,6 +160,37 @@ def box_iou(a: Tensor, b: Tensor, plus_one: bool = True) -> Tensor:
     inter = wh[..., 0] * wh[..., 1]
     union = box_area(a, plus_one)[:, None] + box_area(b, plus_one)[None, :] - inter
     return inter / union
+
+
+def box_iou_numpy(a, b) -> np.ndarray:
+    """Pairwise IoU without +1, (N, 4) x (M, 4) -> (N, M) float64; degenerate boxes have area 0."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]).clip(0) * (a[:, 3] - a[:, 1]).clip(0)
+    area_b = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def iou(a, b) -> float:
+    """IoU of two single xyxy boxes without +1 (plain floats: fast in loops over few boxes)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def scale_boxes(boxes, from_size: tuple[float, float], to_size: tuple[float, float]):
+    """xyxy boxes of an image of (W, H) `from_size` → the same places in that image at (W, H) `to_size`
+    (x by the width ratio, y by the height ratio; the model's resized frame ↔ the original image's).
+    Torch tensors stay tensors (dtype and device kept); anything else becomes a float32 numpy array."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    if isinstance(boxes, Tensor):
+        return boxes * boxes.new_tensor([sx, sy, sx, sy])
+    return np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
 
 
 def clip_boxes(boxes: Tensor, h: int, w: int) -> Tensor:

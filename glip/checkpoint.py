@@ -1,10 +1,17 @@
 """Checkpoints: the official `.pth` ↔ this project's format (safetensors + config JSON).
 
 Official files are `{'model': DDP state_dict ('module.' prefix), 'model_ema', 'optimizer', ...}`;
-only 'model' is used (GLIP issue #59). They load with `torch.load(weights_only=True, mmap=True)`
-so the EMA and optimizer copies are never read into memory. The architecture is inferred from
-the tensors (Swin width/depths/heads/window, DyHead blocks, fusion or not, BERT size); what the
-tensors cannot tell (BERT head count, thresholds, input size) comes from `config=`.
+only 'model' is used. They load with `torch.load(weights_only=True, mmap=True)` so the EMA and
+optimizer copies are never read into memory. The architecture is inferred from the tensors (Swin
+width/depths/heads/window, DyHead blocks, fusion or not, BERT size); what the tensors cannot tell
+(BERT head count, thresholds, input size) comes from `config=`.
+
+A file is data, not code: before a single weight is read, the config is range-checked
+(`GLIPConfig.validate`) and compared with the tensor shapes of the file's header (safetensors) or
+memory map (.pth), and `GLIP.from_pretrained` compares every key and shape with a model built on the
+meta device. A mismatch is a `CheckpointError` naming the offending config key or tensor.
+
+This module knows files and state dicts, not the model class (`glip.model` imports it, not the reverse).
 """
 from __future__ import annotations
 
@@ -12,12 +19,14 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import PRESETS, GLIPConfig, get_preset
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FORMAT_VERSION = 1
@@ -26,9 +35,12 @@ IGNORED = re.compile(r"(pooler|resizer|anchor_generator|cls_logits|position_ids)
 # what the tensors decide; everything else comes from the user's config (or the defaults)
 STRUCTURAL = ("swin_embed_dim", "swin_depths", "swin_num_heads", "swin_window_size", "channels",
               "num_dyhead_blocks", "early_fusion", "fusion_embed_dim", "num_classes")
-
+# the BERT sizes the tensors decide (the head count is not in any shape)
+BERT_SHAPED = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
+               "type_vocab_size")
 
 TEXT_PREFIX = "language_backbone."
+Shapes = Mapping[str, tuple[int, ...]]
 
 
 def _minilm_state_dict() -> dict[str, torch.Tensor]:
@@ -37,15 +49,27 @@ def _minilm_state_dict() -> dict[str, torch.Tensor]:
     return minilm_state_dict()
 
 
+def _minilm_shapes() -> dict[str, tuple[int, ...]]:
+    from .language import minilm_shapes
+
+    return minilm_shapes()
+
+
 # Text encoders whose weights ship in a pip package: a checkpoint of ours may leave them out (frozen, stock).
-TEXT_ENCODERS = {"all-MiniLM-L6-v2": _minilm_state_dict}
+# name → (state dict loader, shapes from its header); keys relative to `language_backbone.body.model.`.
+TEXT_ENCODERS: dict[str, tuple[Callable[[], dict], Callable[[], dict]]] = {
+    "all-MiniLM-L6-v2": (_minilm_state_dict, _minilm_shapes),
+}
 
 
+def shapes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 # --- reading ------------------------------------------------------------------------------------
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
-    """The 'model' state dict of an official .pth, 'module.' stripped (only if every key has it)."""
+    """The 'model' state dict of an official .pth, 'module.' stripped (only if every key has it).
+    Memory-mapped: the tensors are read from disk only when used."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -68,60 +92,92 @@ def _load_plain(path: Path):
         raise CheckpointError(f"{path.name}: not a loadable PyTorch checkpoint ({e.__class__.__name__}: {e})") from e
 
 
-def infer_config(sd: dict[str, torch.Tensor], base: GLIPConfig | None = None) -> GLIPConfig:
-    """Recover the architecture from tensor names and shapes."""
+def infer_config(sd: Mapping, base: GLIPConfig | None = None) -> GLIPConfig:
+    """Recover the architecture from tensor names and shapes (`sd`: tensors, or the shapes alone).
+    Without `language_backbone.*` tensors (a text encoder left out of the file) BERT stays as in `base`."""
     base = base or GLIPConfig()
+    shp = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in sd.items()}
     try:
-        embed = sd["backbone.body.patch_embed.proj.weight"].shape[0]
-        bert_words = sd["language_backbone.body.model.embeddings.word_embeddings.weight"]
-        channels = sd["backbone.fpn.fpn_inner2.weight"].shape[0]
-    except KeyError as e:
+        embed = shp["backbone.body.patch_embed.proj.weight"][0]
+        channels = shp["backbone.fpn.fpn_inner2.weight"][0]
+        table = shp["backbone.body.layers.0.blocks.0.attn.relative_position_bias_table"][0]
+    except (KeyError, IndexError) as e:
         raise CheckpointError(f"Not a GLIP checkpoint: missing {e.args[0]!r} (is this a GLIP model file?)") from e
     depths, heads = [], []
     for s in range(16):
-        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"backbone\.body\.layers\.{s}\.blocks\.(\d+)\.", k))}
+        blocks = {int(m.group(1)) for k in shp if (m := re.match(rf"backbone\.body\.layers\.{s}\.blocks\.(\d+)\.", k))}
         if not blocks:
             break
         depths.append(max(blocks) + 1)
-        heads.append(sd[f"backbone.body.layers.{s}.blocks.0.attn.relative_position_bias_table"].shape[1])
-    table = sd["backbone.body.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+        heads.append(shp.get(f"backbone.body.layers.{s}.blocks.0.attn.relative_position_bias_table", (0, 0))[1])
     window = (int(round(table ** 0.5)) + 1) // 2
-    tower = {int(m.group(1)) for k in sd if (m := re.match(r"rpn\.head\.dyhead_tower\.(\d+)\.DyConv\.0\.conv\.weight", k))}
-    early = any(".b_attn." in k for k in sd)
-    fusion_embed = sd["rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"].shape[0] if early else base.fusion_embed_dim
-    layers = {int(m.group(1)) for k in sd
-              if (m := re.match(r"language_backbone\.body\.model\.encoder\.layer\.(\d+)\.", k))}
-    hidden = bert_words.shape[1]
+    tower = {int(m.group(1)) for k in shp if (m := re.match(r"rpn\.head\.dyhead_tower\.(\d+)\.DyConv\.0\.conv\.weight", k))}
+    early = any(".b_attn." in k for k in shp)
+    fusion_key = "rpn.head.dyhead_tower.0.b_attn.attn.v_proj.weight"
+    fusion_embed = shp[fusion_key][0] if early and fusion_key in shp else base.fusion_embed_dim
     bert = dict(base.bert)
-    if bert["hidden_size"] != hidden:  # head count is not in the tensors: 64-wide heads unless told
-        bert["num_attention_heads"] = {768: 12, 384: 12, 1024: 16}.get(hidden, max(1, hidden // 64))
-    bert.update(
-        vocab_size=bert_words.shape[0], hidden_size=hidden, num_hidden_layers=max(layers) + 1 if layers else 0,
-        intermediate_size=sd["language_backbone.body.model.encoder.layer.0.intermediate.dense.weight"].shape[0],
-        max_position_embeddings=sd["language_backbone.body.model.embeddings.position_embeddings.weight"].shape[0],
-        type_vocab_size=sd["language_backbone.body.model.embeddings.token_type_embeddings.weight"].shape[0],
-    )
-    cls = sd.get("rpn.head.cls_logits.weight")
+    words = shp.get("language_backbone.body.model.embeddings.word_embeddings.weight")
+    if words is not None:
+        layers = {int(m.group(1)) for k in shp
+                  if (m := re.match(r"language_backbone\.body\.model\.encoder\.layer\.(\d+)\.", k))}
+        hidden = words[1]
+        if bert["hidden_size"] != hidden:  # head count is not in the tensors: 64-wide heads unless told
+            bert["num_attention_heads"] = {768: 12, 384: 12, 1024: 16}.get(hidden, max(1, hidden // 64))
+        get = lambda k, i: shp.get(f"language_backbone.body.model.{k}", (None, None))[i]  # noqa: E731
+        bert.update(
+            vocab_size=words[0], hidden_size=hidden, num_hidden_layers=max(layers) + 1 if layers else 0,
+            intermediate_size=get("encoder.layer.0.intermediate.dense.weight", 0) or bert["intermediate_size"],
+            max_position_embeddings=get("embeddings.position_embeddings.weight", 0) or bert["max_position_embeddings"],
+            type_vocab_size=get("embeddings.token_type_embeddings.weight", 0) or bert["type_vocab_size"],
+        )
+    cls = shp.get("rpn.head.cls_logits.weight")
     return dataclasses.replace(
         base, swin_embed_dim=embed, swin_depths=tuple(depths), swin_num_heads=tuple(heads), swin_window_size=window,
         channels=channels, num_dyhead_blocks=len(tower), early_fusion=early,
         fused_dot_product=early if base.fused_dot_product else False, fusion_embed_dim=fusion_embed,
-        num_classes=cls.shape[0] + 1 if cls is not None else base.num_classes, bert=bert,
+        num_classes=cls[0] + 1 if cls is not None else base.num_classes, bert=bert,
     )
+
+
+def check_config(cfg: GLIPConfig, shapes: Shapes, source: str) -> None:
+    """The config's structural keys against the tensors' shapes (read without loading them); raises
+    CheckpointError naming the first key that disagrees."""
+    inferred = infer_config(shapes, base=cfg)
+    for key in STRUCTURAL:
+        if key == "fusion_embed_dim" and not inferred.early_fusion:
+            continue
+        want, got = getattr(cfg, key), getattr(inferred, key)
+        if (tuple(want) if isinstance(want, (list, tuple)) else want) != got:
+            raise CheckpointError(f"{source}: {key} = {want!r} but the tensors have {got!r}")
+    if any(k.startswith(TEXT_PREFIX) for k in shapes):
+        for key in BERT_SHAPED:
+            if cfg.bert.get(key) != inferred.bert[key]:
+                raise CheckpointError(f"{source}: bert.{key} = {cfg.bert.get(key)!r} but the tensors have "
+                                      f"{inferred.bert[key]!r}")
+
+
+def validated(cfg: GLIPConfig, source: str) -> GLIPConfig:
+    """`cfg.validate()` with the failure reported as a CheckpointError of `source`."""
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def resolve_config(config) -> GLIPConfig | None:
     """config= accepts None, a GLIPConfig, a preset name, or a path (our JSON / official yaml or keys JSON)."""
-    if config is None or isinstance(config, GLIPConfig):
-        return config
+    if config is None:
+        return None
+    if isinstance(config, GLIPConfig):
+        return config.validate()
     if isinstance(config, dict):
-        return GLIPConfig.from_dict(config)
+        return GLIPConfig.from_dict(config).validate()
     if isinstance(config, str) and config.lower().replace("_", "-") in PRESETS:
         return get_preset(config)
     path = Path(config)
     if path.is_file():
         return GLIPConfig.load(path)
-    raise CheckpointError(f"config={config!r} is neither a preset ({sorted(PRESETS)}) nor a config file")
+    raise CheckpointError(f"config={str(config)!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
 
 
 def merge_config(inferred: GLIPConfig, user: GLIPConfig | None) -> GLIPConfig:
@@ -130,7 +186,7 @@ def merge_config(inferred: GLIPConfig, user: GLIPConfig | None) -> GLIPConfig:
         return inferred
     kw = {f: getattr(inferred, f) for f in STRUCTURAL}
     bert = dict(user.bert)
-    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+    for k in BERT_SHAPED:
         bert[k] = inferred.bert[k]
     if user.bert["hidden_size"] != inferred.bert["hidden_size"]:
         bert["num_attention_heads"] = inferred.bert["num_attention_heads"]
@@ -139,22 +195,28 @@ def merge_config(inferred: GLIPConfig, user: GLIPConfig | None) -> GLIPConfig:
     return dataclasses.replace(user, **kw)
 
 
-def load_state(model, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Strict load that names every missing / unexpected / mis-shaped key (ignorable groups aside)."""
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not IGNORED.search(k) or k in own}
-    missing = [k for k in own if k not in sd and not IGNORED.search(k)]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sd if k in own and sd[k].shape != own[k].shape]
+def check_shapes(own: Shapes, found: Shapes, source: str, name: str = "GLIP") -> None:
+    """Every key and shape the model has against what a file holds (ignorable groups aside); one
+    CheckpointError listing every missing / unexpected / mis-shaped key."""
+    found = {k: v for k, v in found.items() if not IGNORED.search(k) or k in own}
+    missing = [k for k in own if k not in found and not IGNORED.search(k)]
+    unexpected = [k for k in found if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(found[k])} vs model {tuple(own[k])}"
+              for k in found if k in own and tuple(found[k]) != tuple(own[k])]
     problems = []
     for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if keys:
             more = f" … (+{len(keys) - 8} more)" if len(keys) > 8 else ""
             problems.append(f"{len(keys)} {title}: " + ", ".join(keys[:8]) + more)
     if problems:
-        raise CheckpointError(f"{source} does not match the GLIP architecture ({model.config.name}): " + "; ".join(problems))
-    model.load_state_dict(sd, strict=False)
+        raise CheckpointError(f"{source} does not match the GLIP architecture ({name}): " + "; ".join(problems))
+
+
+def load_state(model, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strict load that names every missing / unexpected / mis-shaped key (ignorable groups aside)."""
+    own = model.state_dict()
+    check_shapes(shapes_of(own), shapes_of(sd), source, model.config.name)
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
 # --- our format -----------------------------------------------------------------------------------
@@ -166,8 +228,8 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
     from safetensors.torch import save_file
 
     if exclude_text_encoder and model.config.text_encoder not in TEXT_ENCODERS:
-        raise ValueError(f"exclude_text_encoder needs a text encoder that ships offline ({sorted(TEXT_ENCODERS)}), "
-                         f"not {model.config.text_encoder!r}")
+        raise ConfigError(f"exclude_text_encoder needs a text encoder that ships offline ({sorted(TEXT_ENCODERS)}), "
+                          f"not {model.config.text_encoder!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {}
@@ -187,17 +249,67 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
     return out
 
 
-def read_ours(folder: Path) -> tuple[dict[str, torch.Tensor], GLIPConfig]:
-    from safetensors.torch import load_file
+def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
 
     try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is a bad checkpoint
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e.__class__.__name__}: {e})") from None
+
+
+@dataclass
+class Pretrained:
+    """What a model source holds, checked but not yet loaded: the config, the tensor shapes (None: no
+    weights, a preset's random initialisation) and `tensors()` to read them."""
+    config: GLIPConfig
+    source: str
+    shapes: dict[str, tuple[int, ...]] | None = None
+    _read: Callable[[], dict[str, torch.Tensor]] | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._read() if self._read is not None else {}
+
+
+def _ours(folder: Path, user: GLIPConfig | None, source: str) -> Pretrained:
+    """Our folder: config.json validated, then compared with the safetensors header, before any tensor is read."""
+    weights = folder / "model.safetensors"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: config.json is missing beside model.safetensors")
+    try:
+        cfg = GLIPConfig.load(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    shapes = read_header(weights)
+    check_config(cfg, shapes, f"{folder / 'config.json'}")
+    excluded = not any(k.startswith(TEXT_PREFIX) for k in shapes)
+    if excluded and cfg.text_encoder in TEXT_ENCODERS:
+        shapes.update({TEXT_PREFIX + "body.model." + k: v for k, v in TEXT_ENCODERS[cfg.text_encoder][1]().items()})
+    cfg = validated(merge_config(cfg, user), source)
+
+    def read() -> dict[str, torch.Tensor]:
+        return read_ours(folder)[0]
+    return Pretrained(cfg, source, shapes, read)
+
+
+def read_ours(folder: Path) -> tuple[dict[str, torch.Tensor], GLIPConfig]:
+    """Tensors (fp16 widened to fp32; an excluded stock text encoder refilled) and the config of our folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        cfg = GLIPConfig.load(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    try:
         sd = load_file(str(folder / "model.safetensors"))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{folder}/model.safetensors is not a valid safetensors file ({e})") from e
-    cfg = GLIPConfig.load(folder / "config.json")
     sd = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}
     if cfg.text_encoder in TEXT_ENCODERS and not any(k.startswith(TEXT_PREFIX) for k in sd):
-        sd.update({TEXT_PREFIX + "body.model." + k: v for k, v in TEXT_ENCODERS[cfg.text_encoder]().items()})
+        sd.update({TEXT_PREFIX + "body.model." + k: v for k, v in TEXT_ENCODERS[cfg.text_encoder][0]().items()})
     return sd, cfg
 
 
@@ -208,50 +320,31 @@ def shipped_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "model.safetensors").is_file()}
 
 
-def load_model(src, config=None, device=None, dtype=None):
-    """GLIP.from_pretrained: see the module docstring for accepted sources."""
-    from .model import GLIP
-
+def read_pretrained(src, config=None) -> Pretrained:
+    """Resolve a model source (see `GLIP.from_pretrained`) to its checked config and tensor shapes."""
     user = resolve_config(config)
     src_s = str(src)
     shipped = shipped_models()
     if isinstance(src, str) and src.lower() in PRESETS and not Path(src).exists():
-        model = GLIP(user or get_preset(src))                         # random weights (benchmarks, tests)
-    elif src_s in shipped:
-        sd, cfg = read_ours(shipped[src_s])
-        model = _build(cfg, user, sd, f"shipped model {src_s!r}")
-    elif Path(src_s).is_dir():
-        if not (Path(src_s) / "model.safetensors").is_file():
+        return Pretrained(user or get_preset(src), src)                 # random weights (benchmarks, tests)
+    if src_s in shipped:
+        return _ours(shipped[src_s], user, f"shipped model {src_s!r}")
+    path = Path(src_s)
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{src_s}: folder without model.safetensors (expected this project's format)")
-        sd, cfg = read_ours(Path(src_s))
-        model = _build(cfg, user, sd, src_s)
-    elif Path(src_s).is_file():
+        return _ours(path, user, src_s)
+    if path.is_file():
         if src_s.endswith(".safetensors"):
-            sd, cfg = read_ours(Path(src_s).parent)
-        else:
-            sd = read_official(src_s)
-            cfg = infer_config(sd, user)
-        model = _build(cfg, user, sd, Path(src_s).name)
-    elif re.match(r"^(hf://)?[\w.-]+/[\w.-]+/.+\.pth$", src_s):
-        return load_model(hf_download(src_s), config=config, device=device, dtype=dtype)
-    else:
-        known = sorted(PRESETS) + sorted(shipped)
-        raise CheckpointError(f"Unknown model {src_s!r}: not a file, folder, preset or shipped model ({known}), "
-                              "nor a Hugging Face 'owner/repo/file.pth'")
-    model.eval()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
-
-
-def _build(cfg: GLIPConfig, user: GLIPConfig | None, sd, source: str):
-    from .model import GLIP
-
-    model = GLIP(merge_config(cfg, user))
-    load_state(model, sd, source)
-    return model
+            return _ours(path.parent, user, src_s)
+        sd = read_official(path)
+        cfg = validated(merge_config(infer_config(sd, user), user), path.name)
+        return Pretrained(cfg, path.name, shapes_of(sd), lambda: sd)
+    if re.match(r"^(hf://)?[\w.-]+/[\w.-]+/.+\.pth$", src_s):
+        return read_pretrained(hf_download(src_s), config=config)
+    known = sorted(PRESETS) + sorted(shipped)
+    raise CheckpointError(f"Unknown model {src_s!r}: not a file, folder, preset or shipped model ({', '.join(known)}), "
+                          "nor a Hugging Face 'owner/repo/file.pth'")
 
 
 def hf_download(spec: str) -> str:
@@ -270,8 +363,3 @@ def hf_download(spec: str) -> str:
     except Exception as e:
         raise CheckpointError(f"Could not download {spec} from Hugging Face ({e.__class__.__name__}): "
                               "are you online? Otherwise download it yourself and pass the path") from e
-
-
-def convert(src, out_dir, fp16: bool = False, config=None) -> Path:
-    """Official .pth (or anything load_model reads) → our format."""
-    return save_model(load_model(src, config=config), out_dir, fp16=fp16)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .boxes import scale_boxes
 from .image import load_image
 
 # Colour families: one swatch each, chosen far apart in CIELAB (every pair ΔE76 > 20), and the words that
@@ -223,7 +224,7 @@ def draw_boxes(image, boxes, labels: Sequence[str], styles: Sequence[PhraseStyle
     index of a box to emphasise (the others are faded)."""
     im = load_image(image).convert("RGB")
     W, H = im.size
-    sx, sy = (W / source_size[0], H / source_size[1]) if source_size else (1.0, 1.0)
+    boxes = scale_boxes(boxes, source_size, im.size) if source_size else boxes
     lw = width or max(2, round(max(W, H) / 300))
     fnt = font(max(13, round(max(W, H) / 40)))
     overlay = Image.new("RGBA", im.size, (0, 0, 0, 0))
@@ -232,15 +233,13 @@ def draw_boxes(image, boxes, labels: Sequence[str], styles: Sequence[PhraseStyle
     order = list(range(len(boxes)))
     rects = {}
     for i in order:  # labels are placed best box first, so the best keep their preferred spot
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        b = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+        b = tuple(float(v) for v in boxes[i])
         if labels[i]:
             tb = d.textbbox((0, 0), labels[i], font=fnt)
             rects[i] = (_place_label(b, tb[2] - tb[0], tb[3] - tb[1], W, H, lw, placed), tb)
             placed.append(rects[i][0])
     for i in order[::-1]:
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        b = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+        b = tuple(float(v) for v in boxes[i])
         st = styles[i]
         col = hex_to_rgb(st.color)
         alpha = 255 if highlight is None or highlight == i else 80

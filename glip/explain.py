@@ -11,11 +11,13 @@ Functions:
   valid_shapes / split_levels     the visual axis → one 2-D map per level, padding cropped away
   text_to_image                   a token (or phrase) → where it looks, per level and combined
   image_to_text_at / _in_box      a point or a box → its distribution over the prompt tokens
-  upsample / combine_levels       level maps → one map over the original image
-  layer_maps, sharpness           the same view for every fusion layer (how attention sharpens)
+  upsample / combine_levels       level maps → one map over the image (any (W, H), e.g. the original's)
+  token_to_image_per_layer        a token's text→image distribution in every fusion layer
+  sharpness                       how concentrated a distribution is (how attention sharpens with depth)
   aggregate                       mean or rollout over layers
   phrase_tokens                   which token indices belong to a phrase
-  agreement                       teacher vs student (vs ground truth) matching per phrase
+  best_phrase_scores              the best box score of each phrase
+  match / agreement               teacher vs student (vs ground truth) matching per phrase (IoU without +1)
   text_stage_similarity           cosine similarity of chosen tokens after each head stage (does
                                   fusion keep "red" and "blue" apart?)
 """
@@ -28,7 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-STRIDES = (8, 16, 32, 64, 128)
+from .boxes import box_iou_numpy, scale_boxes
+from .config import FPN_STRIDES as STRIDES
+from .prompts import tokens_in_spans
+
+_iou = box_iou_numpy  # also importable from here (callers import it under this name)
 
 
 # --- the visual axis ---------------------------------------------------------------------------------
@@ -152,9 +158,7 @@ def _positions(att, box_resized, hw, strides, point: bool) -> list[list[int]]:
 
 def _to_resized(box, hw, image_size):
     h, w = hw
-    W, H = image_size
-    sx, sy = w / W, h / H
-    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+    return scale_boxes(box, image_size, (w, h))[0].tolist()
 
 
 def image_to_text_in_box(att, box, hw, image_size, head: int | None = None, strides=STRIDES):
@@ -228,8 +232,7 @@ def aggregate(dists: Sequence[torch.Tensor], how: str = "rollout", residual: flo
 # --- prompts and comparisons -------------------------------------------------------------------------
 def phrase_tokens(prompt, tokens, j: int) -> list[int]:
     """Indices of the (non-special) tokens that start inside any span of phrase j."""
-    spans = prompt.spans[j]
-    return [t.index for t in tokens if t.end > t.start and any(b <= t.start < e for b, e in spans)]
+    return tokens_in_spans(tokens, prompt.spans[j])
 
 
 def best_phrase_scores(result) -> np.ndarray:
@@ -238,15 +241,6 @@ def best_phrase_scores(result) -> np.ndarray:
     for s, j in zip(result.scores, result.phrase_ids):
         out[int(j)] = max(out[int(j)], float(s))
     return out
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: (x[:, 2] - x[:, 0]).clip(0) * (x[:, 3] - x[:, 1]).clip(0)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
 def match(boxes_a, labels_a, boxes_b, labels_b, iou_threshold: float = 0.5):
@@ -263,7 +257,7 @@ def match(boxes_a, labels_a, boxes_b, labels_b, iou_threshold: float = 0.5):
             return np.asarray(pairs, int).reshape(-1, 2), np.asarray(ua, int), np.asarray(ub, int)
     except ImportError:
         pass
-    iou = _iou(boxes_a, boxes_b) if len(boxes_a) and len(boxes_b) else np.zeros((len(boxes_a), len(boxes_b)))
+    iou = box_iou_numpy(boxes_a, boxes_b) if len(boxes_a) and len(boxes_b) else np.zeros((len(boxes_a), len(boxes_b)))
     iou = np.where(labels_a[:, None] == labels_b[None, :], iou, -1.0)
     pairs, used_a, used_b = [], set(), set()
     for flat in np.argsort(-iou, axis=None, kind="stable"):
@@ -301,15 +295,14 @@ def text_stage_similarity(model, image, caption: str, token_ids: Sequence[int]) 
     features S_ground actually uses. Near-1 off-diagonals mean the head can no longer tell those
     tokens apart, whatever the image shows."""
     from glip.fusion import VLFuse
-    from glip.image import to_tensor
     from glip.language import BertFusionLayer
-    from glip.prompts import tokenize
+    from glip.preprocess import Preprocessor
 
-    cfg = model.config
+    pre = Preprocessor(model.config)
     was_training = model.training
     model.eval()
-    x = to_tensor(image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
-    enc = tokenize([caption], max_len=cfg.max_query_len)
+    x = pre.image(pre.load(image))[None]
+    enc = pre.tokenize([caption])
     ids = list(token_ids)
 
     def cos(h: torch.Tensor) -> np.ndarray:

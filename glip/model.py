@@ -11,15 +11,21 @@ so official weights load key for key. The two encoders are separate methods so t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .backbone import Backbone
 from .boxes import BoxCoder, grid_anchors
+from .checkpoint import check_shapes, load_state, read_pretrained, save_model
 from .config import GLIPConfig
 from .head import HeadOutput, VLDyHead
 from .language import LanguageBackbone, TextFeatures
+from .runtime import resolve_device
+
+if TYPE_CHECKING:
+    from .results import GroundingResult
 
 
 @dataclass
@@ -33,7 +39,7 @@ class GLIPOutput:
 class GLIP(nn.Module):
     def __init__(self, config: GLIPConfig | None = None):
         super().__init__()
-        self.config = config = config or GLIPConfig()
+        self.config = config = (config or GLIPConfig()).validate()  # before anything is allocated
         self.backbone = Backbone(config)
         self.language_backbone = LanguageBackbone(config.bert)
         self.rpn = nn.Module()  # official name of the grounding head's container
@@ -68,28 +74,72 @@ class GLIP(nn.Module):
     def has_fusion(self) -> bool:
         return bool(self.rpn.head.fusion_layers)
 
-    # --- conveniences (implemented in checkpoint.py / predictor.py) ---------------------------------
+    # --- files ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, src, config=None, device="auto", dtype=None) -> "GLIP":
-        """Official .pth, preset name, shipped model name, our safetensors folder, or HF 'owner/repo/file.pth'.
-        device "auto" picks CUDA when available; predictions then run there (fp16/bf16 via predict(precision=))."""
-        from .checkpoint import load_model
+        """Load a model: an official .pth, a preset name (random weights), a shipped model name
+        ("toy-student"), our folder (model.safetensors + config.json) or a Hugging Face 'owner/repo/file.pth'.
 
-        return load_model(src, config=config, device=device, dtype=dtype)
+        config: what the tensors cannot tell (thresholds, input size, BERT head count): a GLIPConfig, a preset
+        name, our JSON, an official yaml or keys JSON. device: "auto" (CUDA when available), "cpu", "cuda[:N]"
+        or None (stay on the CPU); predictions run there (fp16/bf16 via predict(precision=)).
+
+        Nothing is allocated before the source is checked: the config's ranges, the config against the
+        tensor shapes, then every key and shape against this architecture built on the meta device."""
+        dev = resolve_device(device) if device is not None else None
+        pre = read_pretrained(src, config)
+        if pre.shapes is not None:
+            with torch.device("meta"):
+                skeleton = cls(pre.config)
+            check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, pre.shapes, pre.source,
+                         pre.config.name)
+            del skeleton
+        model = cls(pre.config)
+        if pre.shapes is not None:
+            load_state(model, pre.tensors(), pre.source)
+        model.eval()
+        if dev is not None or dtype is not None:
+            model.to(device=dev, dtype=dtype)
+        return model
 
     def save_pretrained(self, out_dir, fp16: bool = False, exclude_text_encoder: bool = False) -> None:
-        from .checkpoint import save_model
-
+        """model.safetensors + config.json in `out_dir` (fp16: half-precision storage; exclude_text_encoder:
+        leave out a stock text encoder that ships in a pip package, refilled on load)."""
         save_model(self, out_dir, fp16=fp16, exclude_text_encoder=exclude_text_encoder)
 
+    # --- prediction (glip.predictor) ---------------------------------------------------------------
     @property
     def predictor(self):
+        """The cached predictor of this model (image / text / head caches)."""
         if self._predictor is None:
             from .predictor import Predictor
 
             self._predictor = Predictor(self)
         return self._predictor
 
-    def predict(self, image, prompt, **kw):
-        """See `glip.predictor.Predictor.predict`."""
-        return self.predictor.predict(image, prompt, **kw)
+    def predict(self, image, prompt, spans=None, phrases=None, threshold: float = 0.5, nms_iou: float | None = None,
+                max_dets: int = 100, min_size: int | None = None, max_size: int | None = None, mode: str = "auto",
+                output_attentions: bool = False, precision: str = "fp32", fusion: bool = True,
+                candidate_threshold: float | None = None) -> "GroundingResult | list[GroundingResult]":
+        """Ground `prompt` in `image` → GroundingResult (boxes xyxy in the original image's pixels, scores,
+        phrase of each box, token scores); a list of images with a list of prompts runs as one padded batch.
+
+        image: PIL image, numpy array, path, bytes or LoadedImage. Images over `glip.image.MAX_PIXELS` are refused
+          from their header; large ones are shrunk before the model sees them, boxes still come back in the
+          original's frame (`result.image_size`).
+        prompt: a caption ("a dog on a sofa"), a category list ("person . dog" or ["person", "dog"]) or a Prompt;
+          `phrases` (strings found in the caption) or `spans` (char spans per phrase) ground explicit phrases.
+          Prompts longer than the model's query (`config.max_query_len` tokens) are split and merged.
+        mode: "auto" | "categories" | "caption": how a string prompt is read.
+        threshold: keep boxes scoring above it (the official demo keeps > 0.5).
+        nms_iou: per-phrase NMS IoU (default `config.nms_th`); max_dets: at most this many boxes (1..1000).
+        candidate_threshold: ATSS pre-NMS candidate score (default `config.inference_th`, officially 0.05); lower
+          it to rank more boxes (evaluation at AP), without touching the model's config.
+        min_size / max_size: the test-time resize (default `config.min_size_test` / `max_size_test`).
+        output_attentions: keep the X-MHA attention maps (`result.attentions`).
+        precision: "fp32", "bf16" or "fp16" (CUDA) autocast. fusion=False: deep fusion switched off (ablation).
+        """
+        return self.predictor.predict(image, prompt, spans=spans, phrases=phrases, threshold=threshold,
+                                      nms_iou=nms_iou, max_dets=max_dets, min_size=min_size, max_size=max_size,
+                                      mode=mode, output_attentions=output_attentions, precision=precision,
+                                      fusion=fusion, candidate_threshold=candidate_threshold)

@@ -1,5 +1,5 @@
 """Stage-by-stage numerical parity against reference outputs of the official implementation
-(../shared/fixtures/*: model.pth, config.json, image*.png, io.pt; see their README).
+(a fixture folder: model.pth, config.json, image*.png, io.pt, as in tests/fixtures/glip-official-tiny).
 
 `python -m glip parity FIXTURE_DIR` prints one row per compared entry (max abs / max rel error)
 and exits non-zero on any mismatch beyond tolerance.
@@ -11,11 +11,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .boxes import scale_boxes
 from .config import GLIPConfig
-from .image import batch_images, load_image, to_tensor
+from .errors import DataError
+from .image import load_image
+from .model import GLIP
 from .postprocess import atss_postprocess
-from .prompts import Prompt, positive_map, tokenize
+from .preprocess import Preprocessor
+from .prompts import Prompt
+from .runtime import resolve_device
+
+FIXTURE_FILES = ("io.pt", "model.pth", "config.json")
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
@@ -93,10 +99,17 @@ def run_parity(fixture: str | Path, atol: float = 1e-4, rtol: float = 1e-3, devi
     default for cuDNN convolutions) round inputs to 10 mantissa bits, far beyond the fixtures' 1e-4
     tolerance, so they are switched off for the run unless `tf32` (then expect mismatches)."""
     fixture = Path(fixture)
-    dev = torch.device(device)
-    io = torch.load(fixture / "io.pt", map_location="cpu", weights_only=True)
+    missing = [f for f in FIXTURE_FILES if not (fixture / f).is_file()]
+    if not fixture.is_dir() or missing:
+        what = "is not a folder" if not fixture.is_dir() else f"lacks {', '.join(missing)}"
+        raise DataError(f"{fixture} {what}: a parity fixture is a folder with {', '.join(FIXTURE_FILES)} and image*.png")
+    dev = resolve_device(device)
+    try:
+        io = torch.load(fixture / "io.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise DataError(f"{fixture / 'io.pt'}: not a readable reference file ({e.__class__.__name__})") from None
     cfg = GLIPConfig.load(fixture / "config.json")
-    model = load_model(fixture / "model.pth", config=cfg, device=dev)
+    model = GLIP.from_pretrained(fixture / "model.pth", config=cfg, device=dev)
     if dev.type == "cuda":
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -120,18 +133,20 @@ def _run(fixture: Path, io: dict, cfg: GLIPConfig, model, dev: torch.device, ato
 
     # inputs -------------------------------------------------------------------------------------
     paths = [fixture / "image.png"] if (fixture / "image.png").exists() else sorted(fixture.glob("image[0-9]*.png"), key=lambda p: int(p.stem[5:]))
+    if not paths:
+        raise DataError(f"{fixture}: no image.png or image0.png … in the fixture")
+    pre = Preprocessor(cfg)
     images = [load_image(p) for p in paths]
-    tensors = [to_tensor(im, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std) for im in images]
-    batch, sizes = batch_images(tensors, cfg.size_divisibility)
+    batch, sizes = pre.images(images)
     check("images", batch)
     check("image_sizes", torch.tensor(sizes))
     check("image_orig_hw", torch.tensor([[im.height, im.width] for im in images]))
     captions = io.get("captions") or [io["caption"]]
     prompts = [Prompt(c, list(names), spans) for c, names, spans in zip(captions, io["entity_names"], io["tokens_positive"])]
-    enc = tokenize([p.caption for p in prompts], max_len=cfg.max_query_len)
+    enc = pre.tokenize([p.caption for p in prompts])
     check("input_ids", enc["input_ids"])
     check("attention_mask", enc["attention_mask"])
-    pmaps = [positive_map(p, max_len=cfg.max_query_len) for p in prompts]
+    pmaps = [pre.positive_map(p) for p in prompts]
     if "positive_map" in io:
         seen.add("positive_map")
         for i, (pm, ref) in enumerate(zip(pmaps, io["positive_map"])):
@@ -201,10 +216,10 @@ def _run(fixture: Path, io: dict, cfg: GLIPConfig, model, dev: torch.device, ato
                                int(io.get("post.pre_nms_top_n", cfg.pre_nms_top_n)),
                                float(io.get("post.nms_th", cfg.nms_th)),
                                int(io.get("post.detections_per_img", cfg.detections_per_img)))
-        scale = torch.tensor([im.width / w, im.height / h, im.width / w, im.height / h])
         ref = {k: io[f"{prefix}.{k}"] for k in ("boxes", "scores", "labels")}
         boxes, scores, labels = det.boxes.cpu(), det.scores.cpu(), det.labels.cpu()
-        rep.rows.append(compare_detections(f"{prefix} (original px)", boxes * scale, scores, labels + 1, ref))
+        rep.rows.append(compare_detections(f"{prefix} (original px)", scale_boxes(boxes, (w, h), im.size), scores,
+                                           labels + 1, ref))
         if f"{prefix}.boxes_resized" in io:
             ref_r = dict(ref, boxes=io[f"{prefix}.boxes_resized"])
             rep.rows.append(compare_detections(f"{prefix}.boxes_resized", boxes, scores, labels + 1, ref_r))

@@ -17,15 +17,20 @@ from functools import cached_property
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from .boxes import scale_boxes
+from .errors import ConfigError
 from .fusion import FusionAttention
 from .head import HeadOutput
-from .image import ImageError, batch_images, load_image, resized_hw, to_tensor
+from .image import MAX_SIDE, ImageError, LoadedImage, fit_size
 from .language import TextFeatures
 from .postprocess import atss_postprocess
-from .prompts import Prompt, PromptError, chunk, get_tokenizer, parse_prompt, positive_map, tokenize
-from .results import GroundingResult, Token
+from .preprocess import Preprocessor
+from .prompts import Prompt, PromptError, from_categories, parse_prompt, prompt_tokens, tokens_in_spans
+from .results import GroundingResult
+from .runtime import autocast
+
+_autocast = autocast  # also importable from here (callers import it under this name)
 
 
 class LRU(OrderedDict):
@@ -49,24 +54,21 @@ class LRU(OrderedDict):
 @dataclass
 class _ImageEntry:
     key: str
-    image: Image.Image
-    min_size: int
-    max_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    loaded: LoadedImage           # pixels (possibly shrunk) + the original size
+    pre: Preprocessor
 
     @property
-    def size(self) -> tuple[int, int]:  # original (W, H)
-        return self.image.size
+    def size(self) -> tuple[int, int]:  # original (W, H): the frame of the returned boxes
+        return self.loaded.size
 
     @property
-    def hw(self) -> tuple[int, int]:  # resized (h, w), unpadded
-        return resized_hw(self.image.height, self.image.width, self.min_size, self.max_size)
+    def hw(self) -> tuple[int, int]:  # resized (h, w), unpadded: the official resize of the original size
+        return self.pre.resized_hw(self.loaded.size)
 
     @cached_property
     def tensor(self) -> torch.Tensor:
         """(3, h, w) normalised; only built when the image features are not cached."""
-        return to_tensor(self.image, self.min_size, self.max_size, self.mean, self.std)
+        return self.pre.image(self.loaded)
 
 
 @dataclass
@@ -78,17 +80,6 @@ class GroundingState:
     prompt: Prompt                 # the chunk's prompt
     phrase_index: list[int]        # chunk phrase j → phrase index in the full prompt
     n_tokens: int                  # valid tokens of the chunk ([CLS] … [SEP])
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision in ("fp32", "float32", None):
-        return contextlib.nullcontext()
-    dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"precision must be fp32, fp16 or bf16, not {precision!r}")
-    if device.type != "cuda" and dtype == torch.float16:
-        raise ValueError("fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class Predictor:
@@ -112,22 +103,25 @@ class Predictor:
                 cache.clear()
 
     # --- inputs ------------------------------------------------------------------------------------
+    def preprocessor(self, min_size: int | None = None, max_size: int | None = None) -> Preprocessor:
+        pre = Preprocessor(self.model.config, min_size, max_size)
+        if not 32 <= pre.min_size <= 4096 or not pre.min_size <= pre.max_size <= 8192:
+            raise ConfigError(f"Input size out of range: min {pre.min_size} (32–4096), max {pre.max_size} (≥ min, ≤ 8192)")
+        return pre
+
     def prepare_image(self, image, min_size: int | None = None, max_size: int | None = None) -> _ImageEntry:
-        cfg = self.model.config
-        min_size, max_size = min_size or cfg.min_size_test, max_size or cfg.max_size_test
-        if not 32 <= min_size <= 4096 or not min_size <= max_size <= 8192:
-            raise ValueError(f"Input size out of range: min {min_size} (32–4096), max {max_size} (≥ min, ≤ 8192)")
-        pil = load_image(image)
-        digest = hashlib.sha1(pil.tobytes()).hexdigest()[:16]
-        return _ImageEntry(f"{digest}:{pil.size}:{min_size}:{max_size}", pil, min_size, max_size,
-                           cfg.pixel_mean, cfg.pixel_std)
+        """Load (header checked before decoding) and key an image for the caches. The pixels kept are at most
+        twice the model's input size (JPEGs are decoded at a reduced scale when that suffices); the original
+        size is kept for the boxes. Images up to that size reach the model exactly as officially preprocessed."""
+        pre = self.preprocessor(min_size, max_size)
+        loaded = pre.load(image)
+        digest = hashlib.sha1(loaded.pixels.tobytes()).hexdigest()[:16]
+        return _ImageEntry(f"{digest}:{loaded.pixels.size}:{loaded.size}:{pre.min_size}:{pre.max_size}", loaded, pre)
 
     def prepare_prompt(self, prompt, phrases=None, spans=None, mode: str = "auto") -> Prompt:
         if isinstance(prompt, Prompt):
             return prompt
         if isinstance(prompt, (list, tuple)):
-            from .prompts import from_categories
-
             if not prompt:
                 raise PromptError("The prompt is empty: give a caption or category names.")
             return from_categories([str(p) for p in prompt])
@@ -140,7 +134,7 @@ class Predictor:
         key = (tuple(e.key for e in entries), precision)
         feats = self.images.get(key)
         if feats is None:
-            batch, _ = batch_images([e.tensor for e in entries], self.model.config.size_divisibility)
+            batch, _ = entries[0].pre.batch([e.tensor for e in entries])
             feats = self.model.encode_image(batch.to(self.device))
             self.stats["image_runs"] += 1
             self.images.put(key, feats)
@@ -150,7 +144,7 @@ class Predictor:
         key = (tuple(captions), precision)
         text = self.texts.get(key)
         if text is None:
-            enc = tokenize(captions, max_len=self.model.config.max_query_len)
+            enc = Preprocessor(self.model.config).tokenize(captions)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             if self.crop_text:
                 n = int(mask.sum(1).max())
@@ -185,7 +179,7 @@ class Predictor:
         cached = self.heads.get(key)
         if cached is not None and (not output_attentions or cached[0].head.attentions or not self.model.has_fusion):
             return cached
-        with _autocast(self.device, precision):
+        with autocast(self.device, precision):
             feats = self._features(entries, precision)
             text = self._text([c[0].caption for c in chunks], precision)
             head = self.model.ground(feats, text, output_attentions=output_attentions)
@@ -208,40 +202,44 @@ class Predictor:
     # --- public API ----------------------------------------------------------------------------------
     def predict(self, image, prompt, spans=None, phrases=None, threshold: float = 0.5, nms_iou: float | None = None,
                 max_dets: int = 100, min_size: int | None = None, max_size: int | None = None, mode: str = "auto",
-                output_attentions: bool = False, precision: str = "fp32", fusion: bool = True):
-        """Ground `prompt` in `image`.
+                output_attentions: bool = False, precision: str = "fp32", fusion: bool = True,
+                candidate_threshold: float | None = None):
+        """Ground `prompt` in `image`; the arguments are documented at `glip.GLIP.predict`.
 
-        image: PIL image, RGB numpy array, path or bytes — or a list of them with a list of prompts (one per
-        image), run as ONE padded batch (the pseudo-labelling path; batch padding changes results, as official).
-        prompt: a caption ("a dog on a sofa"), a category list ("person . dog" or ["person", "dog"]) or a Prompt;
-        `phrases` / `spans` ground explicit phrases of a caption. Prompts over 256 tokens are split and merged.
-        threshold: keep boxes scoring above it (the official demo keeps > 0.5). fusion=False: the same prediction
-        with deep fusion switched off (ablation). Returns a GroundingResult (a list of them for a batch).
-        """
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        A list of images with a list of prompts (one per image) runs as ONE padded batch (the pseudo-labelling
+        path; batch padding changes results, as official). Returns a GroundingResult (a list for a batch)."""
+        self._check_settings(threshold, nms_iou, max_dets, candidate_threshold)
         nms_iou = self.model.config.nms_th if nms_iou is None else nms_iou
-        if not 0.0 < nms_iou <= 1.0:
-            raise ValueError(f"NMS IoU must be in (0, 1], got {nms_iou}")
-        if not 1 <= int(max_dets) <= 1000:
-            raise ValueError(f"max_dets must be in 1..1000, got {max_dets}")
+        post = (threshold, nms_iou, int(max_dets), candidate_threshold)
         if isinstance(image, (list, tuple)):
             if not isinstance(prompt, (list, tuple)) or len(prompt) != len(image):
-                raise ValueError("A batch of images needs a list with one prompt per image")
+                raise ConfigError("A batch of images needs a list with one prompt per image")
             with self.lock:
-                return self._predict_batch(image, prompt, threshold, nms_iou, max_dets, min_size, max_size, mode,
-                                           precision, fusion)
+                return self._predict_batch(image, prompt, post, min_size, max_size, mode, precision, fusion)
         entry = self.prepare_image(image, min_size, max_size)
         full = self.prepare_prompt(prompt, phrases, spans, mode)
         with self.lock:
-            states = [self.run([entry], [c], output_attentions, precision, fusion)[0]
-                      for c in chunk(full, max_len=self.model.config.max_query_len)]
-            return self._result(entry, full, states, threshold, nms_iou, max_dets)
+            states = [self.run([entry], [c], output_attentions, precision, fusion)[0] for c in entry.pre.chunk(full)]
+            return self._result(entry, full, states, *post)
 
-    def _predict_batch(self, images, prompts, threshold, nms_iou, max_dets, min_size, max_size, mode, precision, fusion):
+    @staticmethod
+    def _check_settings(threshold, nms_iou, max_dets, candidate_threshold) -> None:
+        def number(v) -> bool:
+            return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and np.isfinite(v)
+
+        if not number(threshold) or not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
+        if nms_iou is not None and (not number(nms_iou) or not 0.0 < nms_iou <= 1.0):
+            raise ConfigError(f"NMS IoU must be in (0, 1], got {nms_iou!r}")
+        if not number(max_dets) or int(max_dets) != max_dets or not 1 <= int(max_dets) <= 1000:
+            raise ConfigError(f"max_dets must be an integer in 1..1000, got {max_dets!r}")
+        if candidate_threshold is not None and (not number(candidate_threshold) or not 0.0 <= candidate_threshold < 1.0):
+            raise ConfigError(f"candidate_threshold must be in [0, 1), got {candidate_threshold!r}")
+
+    def _predict_batch(self, images, prompts, post, min_size, max_size, mode, precision, fusion):
         entries = [self.prepare_image(im, min_size, max_size) for im in images]
         fulls = [self.prepare_prompt(p, mode=mode) for p in prompts]
-        chunked = [chunk(p, max_len=self.model.config.max_query_len) for p in fulls]
+        chunked = [e.pre.chunk(p) for e, p in zip(entries, fulls)]
         n_rounds = max(len(c) for c in chunked)
         per_image: list[list[GroundingState]] = [[] for _ in entries]
         for r in range(n_rounds):  # one padded batch per chunk round (usually one round)
@@ -249,24 +247,24 @@ class Predictor:
             states = self.run([entries[i] for i in idx], [chunked[i][r] for i in idx], False, precision, fusion)
             for i, s in zip(idx, states):
                 per_image[i].append(s)
-        return [self._result(e, p, s, threshold, nms_iou, max_dets) for e, p, s in zip(entries, fulls, per_image)]
+        return [self._result(e, p, s, *post) for e, p, s in zip(entries, fulls, per_image)]
 
-    def _result(self, entry: _ImageEntry, full: Prompt, states: list[GroundingState], threshold, nms_iou, max_dets):
+    def _result(self, entry: _ImageEntry, full: Prompt, states: list[GroundingState], threshold, nms_iou, max_dets,
+                candidate_threshold=None):
         cfg = self.model.config
+        cand_th = cfg.inference_th if candidate_threshold is None else candidate_threshold
         boxes, scores, labels, tok_scores = [], [], [], []
         tokens = prompt_tokens(full, cfg.max_query_len)
         for st in states:
-            pmap = positive_map(st.prompt, max_len=cfg.max_query_len)[:, : st.head.text.shape[1]]
+            pmap = entry.pre.positive_map(st.prompt)[:, : st.head.text.shape[1]]
             det = atss_postprocess([t[0] for t in st.head.token_logits], [t[0] for t in st.head.bbox_reg],
                                    [t[0] for t in st.head.centerness], st.anchors, pmap, st.hw, self.model.box_coder,
-                                   cfg.inference_th, cfg.pre_nms_top_n, nms_iou, max_dets)
+                                   cand_th, cfg.pre_nms_top_n, nms_iou, max_dets)
             keep = det.scores > threshold
             if not keep.any():
                 continue
-            W, H = entry.size
             h, w = st.hw
-            scale = torch.tensor([W / w, H / h, W / w, H / h])
-            boxes.append(det.boxes[keep].cpu() * scale)
+            boxes.append(scale_boxes(det.boxes[keep].cpu(), (w, h), entry.size))  # resized → original pixels
             scores.append(det.scores[keep].cpu())
             labels.append(torch.tensor(st.phrase_index)[det.labels[keep].cpu()])
             tok_scores.append(self._token_scores(st, det.level[keep], det.loc[keep], full, tokens))
@@ -282,7 +280,7 @@ class Predictor:
                                states=states, threshold=threshold)
 
     @staticmethod
-    def _token_scores(st: GroundingState, level, loc, full: Prompt, tokens: list[Token]) -> torch.Tensor:
+    def _token_scores(st: GroundingState, level, loc, full: Prompt, tokens) -> torch.Tensor:
         """σ(S_ground) of each kept box's anchor over the full prompt's tokens (chunk tokens mapped by position)."""
         rows = torch.stack([st.head.token_logits[int(lv)][0, int(lc)] for lv, lc in zip(level, loc)]).sigmoid().cpu()
         if len(full.caption) == len(st.prompt.caption) and full.caption == st.prompt.caption:
@@ -291,28 +289,30 @@ class Predictor:
         chunk_tokens = prompt_tokens(st.prompt, len(st.head.text[0]))
         by_span = {}
         for j, orig in enumerate(st.phrase_index):  # phrase j of the chunk ↔ phrase `orig` of the full prompt
-            ct = [t.index for t in chunk_tokens if any(b <= t.start < e for b, e in st.prompt.spans[j])]
-            ot = [t.index for t in tokens if any(b <= t.start < e for b, e in full.spans[orig])]
+            ct = tokens_in_spans(chunk_tokens, st.prompt.spans[j])
+            ot = tokens_in_spans(tokens, full.spans[orig])
             by_span.update(zip(ot, ct))
         for o, c in by_span.items():
             out[:, o] = rows[:, c]
         return out
 
     # --- dense maps for visualisation -------------------------------------------------------------------
-    def token_heatmaps(self, result: GroundingResult, token_ids: list[int] | None = None, phrase: int | None = None):
+    def token_heatmaps(self, result: GroundingResult, token_ids: list[int] | None = None, phrase: int | None = None,
+                       size: tuple[int, int] | None = None):
         """Dense σ(S_ground) maps for a phrase (mean over its tokens) or explicit token indices of the first chunk:
-        per level (h_l, w_l) over the unpadded image, and combined (max over levels) at original resolution."""
+        per level (h_l, w_l) over the unpadded image, and combined (max over levels) at (W, H) `size` — by default
+        the size `glip.image.load_image` gives the image (the original, shrunk to MAX_SIDE if larger)."""
         st = result.states[0]
         if phrase is not None:
             for s in result.states:
                 if phrase in s.phrase_index:
                     st = s
                     j = s.phrase_index.index(phrase)
-                    pm = positive_map(s.prompt, max_len=self.model.config.max_query_len)[j] > 0
+                    pm = Preprocessor(self.model.config).positive_map(s.prompt)[j] > 0
                     token_ids = pm.nonzero().flatten().tolist()
                     break
         if not token_ids:
-            raise ValueError("No tokens selected")
+            raise PromptError("No tokens selected")
         h, w = st.hw
         stride = self.model.config.anchor_strides
         levels = []
@@ -320,17 +320,9 @@ class Predictor:
             fh, fw = st.head.visual[l].shape[-2:]
             m = logits[0, :, token_ids].sigmoid().mean(-1).view(fh, fw)
             levels.append(m[: max(1, -(-h // stride[l])), : max(1, -(-w // stride[l]))].cpu())
-        W, H = result.image_size
+        W, H = size or fit_size(result.image_size, MAX_SIDE)
         up = [F.interpolate(m[None, None], size=(H, W), mode="bilinear", align_corners=False)[0, 0] for m in levels]
         return levels, torch.stack(up).max(0).values
-
-
-def prompt_tokens(prompt: Prompt, max_len: int = 256) -> list[Token]:
-    """The prompt's tokens as BERT sees them ([CLS] … [SEP], truncated at max_len) with char offsets."""
-    tok = get_tokenizer()
-    enc = tok(prompt.caption, return_offsets_mapping=True, truncation=True, max_length=max_len)
-    ids, offs = enc["input_ids"], enc["offset_mapping"]
-    return [Token(i, tok.convert_ids_to_tokens(t), int(b), int(e)) for i, (t, (b, e)) in enumerate(zip(ids, offs))]
 
 
 __all__ = ["Predictor", "GroundingState", "prompt_tokens", "ImageError", "PromptError"]

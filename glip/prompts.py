@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import PromptError
+from .errors import ConfigError, PromptError
 
 if TYPE_CHECKING:  # transformers is heavy to import; only load it when a tokenizer is needed
     from transformers import BatchEncoding, BertTokenizerFast
@@ -80,6 +80,33 @@ def tokenize(prompts: list[str] | str, tokenizer=None, max_len: int = MAX_QUERY_
     return tokenizer(
         list(prompts), max_length=max_len, padding="max_length", truncation=True, return_tensors="pt"
     )
+
+
+@dataclass(frozen=True)
+class Token:
+    """One BERT input position of a prompt, with its character span in the caption."""
+    index: int      # position in the BERT input ([CLS] = 0)
+    text: str       # WordPiece ("[CLS]", "red", "##dish", …)
+    start: int      # char span in the caption ((0, 0) for special tokens)
+    end: int
+
+    @property
+    def special(self) -> bool:
+        return self.start == self.end
+
+
+def prompt_tokens(prompt: "Prompt", max_len: int = MAX_QUERY_LEN) -> list[Token]:
+    """The prompt's tokens as BERT sees them ([CLS] … [SEP], truncated at max_len) with char offsets."""
+    tok = get_tokenizer()
+    enc = tok(prompt.caption, return_offsets_mapping=True, truncation=True, max_length=max_len)
+    ids, offs = enc["input_ids"], enc["offset_mapping"]
+    return [Token(i, tok.convert_ids_to_tokens(t), int(b), int(e)) for i, (t, (b, e)) in enumerate(zip(ids, offs))]
+
+
+def tokens_in_spans(tokens: list[Token], spans) -> list[int]:
+    """Indices of the (non-special) tokens that START inside any of the char `spans` — a phrase's tokens.
+    The start decides, as for the positive map: a word piece cut by a span's end still belongs to it."""
+    return [t.index for t in tokens if not t.special and any(b <= t.start < e for b, e in spans)]
 
 
 def num_tokens(caption: str, tokenizer=None) -> int:
@@ -153,7 +180,7 @@ def _category_prompt(names: list[str], style: str) -> Prompt:
 def from_categories(names: list[str], style: str = "demo") -> Prompt:
     """A category-list prompt, laid out exactly as the official demo ("demo") or evaluation ("eval") code."""
     if style not in ("demo", "eval"):
-        raise ValueError(f"style must be 'demo' or 'eval', not {style!r}")
+        raise ConfigError(f"style must be 'demo' or 'eval', not {style!r}")
     if isinstance(names, str):
         raise TypeError("from_categories expects a list of names; use parse_prompt for a text prompt")
     if not names:
@@ -376,7 +403,7 @@ def parse_prompt(text: str, phrases=None, spans=None, mode: str = "auto") -> Pro
     split on "." (or, with no "." at all, taken as one name).
     """
     if mode not in ("auto", "categories", "caption"):
-        raise ValueError(f"mode must be 'auto', 'categories' or 'caption', not {mode!r}")
+        raise ConfigError(f"mode must be 'auto', 'categories' or 'caption', not {mode!r}")
     _check_not_empty(text)
     explicit = phrases is not None or spans is not None
     if mode == "categories" and explicit:

@@ -6,19 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .prompts import Prompt
-
-
-@dataclass(frozen=True)
-class Token:
-    index: int      # position in the BERT input ([CLS] = 0)
-    text: str       # WordPiece ("[CLS]", "red", "##dish", …)
-    start: int      # char span in the caption ((0, 0) for special tokens)
-    end: int
-
-    @property
-    def special(self) -> bool:
-        return self.start == self.end
+from .errors import ConfigError
+from .prompts import Prompt, Token
 
 
 @dataclass
@@ -29,7 +18,7 @@ class GroundingResult:
     prompt: Prompt
     tokens: list[Token]        # the prompt's tokens ([CLS] … [SEP])
     token_scores: np.ndarray   # (N, len(tokens)) σ(S_ground) of each box's anchor per token (NaN: not scored)
-    image_size: tuple[int, int]  # (W, H)
+    image_size: tuple[int, int]  # (W, H) of the original image (EXIF-oriented): the frame of `boxes`
     threshold: float = 0.0
     states: list = field(default_factory=list, repr=False)  # cached head outputs (for heat maps / attention)
 
@@ -54,7 +43,7 @@ class GroundingResult:
         (`max_per_phrase`), and the readable view of a caption whose phrases name one object each
         (per-phrase NMS at IoU 0.6 leaves looser duplicates)."""
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         seen: dict[int, int] = {}
         keep = []
         for i, pid in enumerate(self.phrase_ids.tolist()):  # boxes are sorted by descending score

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glip import GLIP, GLIPConfig, get_preset
-from glip.checkpoint import IGNORED, CheckpointError, infer_config, load_model, read_official
+from glip.checkpoint import IGNORED, CheckpointError, infer_config, read_official
 from glip.dyhead import deform_conv2d, reinterpret
 from glip.parity import run_parity
 from glip.prompts import from_categories, tokenize
@@ -113,11 +113,11 @@ def test_official_checkpoint_round_trip(tmp_path, fp16):
     model = GLIP(SMALL).eval()
     _randomise(model)
     _official_file(model, tmp_path / "official.pth")
-    a = load_model(tmp_path / "official.pth", config=SMALL)
+    a = GLIP.from_pretrained(tmp_path / "official.pth", config=SMALL, device="cpu")
     image = (torch.rand(100, 140, 3) * 255).byte().numpy()
     ref = _outputs(a, image)
     assert len(ref) > 0
-    b = load_model(tmp_path / "official.pth", config=SMALL)
+    b = GLIP.from_pretrained(tmp_path / "official.pth", config=SMALL, device="cpu")
     b.save_pretrained(tmp_path / "ours", fp16=fp16)
     c = GLIP.from_pretrained(tmp_path / "ours", device="cpu")  # beside `a` (from_pretrained picks CUDA when present)
     assert c.config == a.config
@@ -155,10 +155,10 @@ def test_official_yaml_config(tmp_path):
 def test_wrong_checkpoints(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a loadable"):
-        load_model(tmp_path / "garbage.pth")
+        GLIP.from_pretrained(tmp_path / "garbage.pth")
     torch.save({"model": {"module.fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="Not a GLIP checkpoint"):
-        load_model(tmp_path / "other.pth")
+        GLIP.from_pretrained(tmp_path / "other.pth")
     model = GLIP(SMALL)
     sd = {"module." + k: v for k, v in model.state_dict().items()}
     sd["module.rpn.head.bbox_pred.weight"] = torch.zeros(5, 32, 1, 1)
@@ -166,13 +166,13 @@ def test_wrong_checkpoints(tmp_path):
     sd["module.rpn.head.surprise"] = torch.zeros(1)
     torch.save({"model": sd}, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError) as e:
-        load_model(tmp_path / "broken.pth", config=SMALL)
+        GLIP.from_pretrained(tmp_path / "broken.pth", config=SMALL)
     msg = str(e.value)
     assert "rpn.head.centerness.bias" in msg and "rpn.head.surprise" in msg and "rpn.head.bbox_pred.weight" in msg
     with pytest.raises(CheckpointError, match="Unknown model"):
-        load_model("no-such-model-anywhere")
+        GLIP.from_pretrained("no-such-model-anywhere")
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
-        load_model("GLIPModel/GLIP/glip_tiny_model_o365_goldg.pth")
+        GLIP.from_pretrained("GLIPModel/GLIP/glip_tiny_model_o365_goldg.pth")
 
 
 def test_official_loader_strips_module_prefix(tiny_fixture):

@@ -1,4 +1,4 @@
-"""Training data over the synthetic world (issue 3).
+"""Training data over the synthetic world.
 
 Three sources, one item format:
 
@@ -25,11 +25,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from glip.boxes import scale_boxes
 from glip.data import GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES, from_odvg, make_sample
 from glip.data.captions import detection_prompt
 from glip.data.schema import SIZES
-from glip.image import batch_images, to_tensor
-from glip.prompts import Prompt, PromptError, from_caption, positive_map, tokenize
+from glip.preprocess import Preprocessor
+from glip.prompts import Prompt, PromptError, from_caption
 
 _SPATIAL = re.compile(r"\b(left|right)\b")
 _WORD = re.compile(r"[a-z]+")
@@ -47,13 +48,7 @@ def parse_filename(name: str) -> tuple[str, int, int]:
     return m["split"], int(m["seed"]), int(m["index"])
 
 
-class InputSpec:
-    """What the model's preprocessing needs (from a GLIPConfig)."""
-
-    def __init__(self, cfg):
-        self.min_size, self.max_size = cfg.min_size_test, cfg.max_size_test
-        self.mean, self.std = cfg.pixel_mean, cfg.pixel_std
-        self.max_len, self.divisibility = cfg.max_query_len, cfg.size_divisibility
+InputSpec = Preprocessor  # what the model's preprocessing needs, built from a GLIPConfig
 
 
 def share_attribute_words(caption: str, spans: list[list[tuple[int, int]]],
@@ -111,7 +106,7 @@ def make_item(image: Image.Image, caption: str, spans: list[list[tuple[int, int]
     loss_mask = torch.ones(spec.max_len)
     if ignore_spans:
         ignored = Prompt(caption, [caption[b:e] for b, e in ignore_spans], [[tuple(s)] for s in ignore_spans])
-        loss_mask = 1.0 - (positive_map(ignored, max_len=spec.max_len) > 0).any(0).float()
+        loss_mask = 1.0 - (spec.positive_map(ignored) > 0).any(0).float()
     if share_words:
         spans = share_attribute_words(caption, spans)
     W, H = image.size
@@ -119,12 +114,12 @@ def make_item(image: Image.Image, caption: str, spans: list[list[tuple[int, int]
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         boxes_t = torch.stack([W - boxes_t[:, 2], boxes_t[:, 1], W - boxes_t[:, 0], boxes_t[:, 3]], dim=1)
-    x = to_tensor(image, spec.min_size, spec.max_size, spec.mean, spec.std)
+    x = spec.image(image)
     h, w = x.shape[1:]
-    boxes_t = boxes_t * torch.tensor([w / W, h / H, w / W, h / H])
+    boxes_t = scale_boxes(boxes_t, (W, H), (w, h))
     if spans:
         prompt = Prompt(caption, [caption[s[0][0]:s[0][1]] for s in spans], spans)
-        pmap = (positive_map(prompt, max_len=spec.max_len) > 0).float()
+        pmap = (spec.positive_map(prompt) > 0).float()
     else:
         pmap = torch.zeros(0, spec.max_len)
     return {"image": x, "caption": caption, "positive_map": pmap, "boxes": boxes_t, "loss_mask": loss_mask}
@@ -267,11 +262,11 @@ class Collate:
     softmax and in the fusion BERT layers, and carry no loss."""
 
     def __init__(self, cfg):
-        self.max_len, self.divisibility = cfg.max_query_len, cfg.size_divisibility
+        self.spec = Preprocessor(cfg)
 
     def __call__(self, items: list[dict]) -> dict:
-        images, sizes = batch_images([it["image"] for it in items], self.divisibility)
-        enc = tokenize([it["caption"] for it in items], max_len=self.max_len)
+        images, sizes = self.spec.batch([it["image"] for it in items])
+        enc = self.spec.tokenize([it["caption"] for it in items])
         T = max(int(enc["attention_mask"].sum(1).max()), 1)
         targets = [{"boxes": it["boxes"], "positive_map": it["positive_map"][:, :T]} for it in items]
         attention = enc["attention_mask"][:, :T]

@@ -29,19 +29,18 @@ STAGES = ("pixel", "patch embed", "C2", "C3", "C4", "FPN", "DyHead")
 def stage_features(model, n: int = 60, seed: int = 5) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """{stage: (objects, channels)} features under each object's centre, and the objects' colours / shapes."""
     from glip.data import make_sample
-    from glip.image import to_tensor
-    from glip.prompts import tokenize
+    from glip.preprocess import Preprocessor
 
-    cfg = model.config
+    cfg, pre = model.config, Preprocessor(model.config)
     model.eval()
     body = model.backbone.body
-    enc = tokenize(["object"], max_len=cfg.max_query_len)
+    enc = pre.tokenize(["object"])
     text = model.encode_text(enc["input_ids"], enc["attention_mask"])
     feats = {k: [] for k in STAGES}
     colors, shapes = [], []
     for i in range(n):
         s = make_sample("test_det", i, seed)
-        x = to_tensor(s.image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
+        x = pre.image(s.image)[None]
         seen = {}
         hooks = [body.patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("grid", o.shape[-2:])),
                  body.patch_embed.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("pe", o)),
@@ -104,10 +103,11 @@ def probe(model, n: int = 60, seed: int = 5) -> dict[str, dict[str, float]]:
 
 def _word_list_prompt(model, words) -> tuple:
     """The prompt "w1. w2. ..." encoded by `model` (eval mode), and each word's first token position."""
-    from glip.prompts import get_tokenizer, tokenize
+    from glip.preprocess import Preprocessor
+    from glip.prompts import get_tokenizer
 
     model.eval()
-    enc = tokenize([". ".join(words)], max_len=model.config.max_query_len)
+    enc = Preprocessor(model.config).tokenize([". ".join(words)])
     T = int(enc["attention_mask"].sum())
     tok, first, k = get_tokenizer(), [], 1  # [CLS] at 0, then each word's pieces and a "."
     for w in words:
@@ -123,15 +123,15 @@ def attribute_token_accuracy(model, attr: str, n: int = 30, seed: int = 3) -> di
     words' logits (first word piece) must be the object's own word. No box enters, so this isolates the
     token scores from box quality (a 1/6 chance level, whatever the localisation)."""
     from glip.data import GOLD_COLORS, GOLD_SHAPES, make_sample
-    from glip.image import to_tensor
+    from glip.preprocess import Preprocessor
 
     words = {"color": GOLD_COLORS, "shape": GOLD_SHAPES}[attr]
-    cfg = model.config
+    pre = Preprocessor(model.config)
     text, first = _word_list_prompt(model, words)
     hits, total = np.zeros(3), 0
     for i in range(n):
         s = make_sample("test_det", i, seed)
-        x = to_tensor(s.image, cfg.min_size_test, cfg.max_size_test, cfg.pixel_mean, cfg.pixel_std)[None]
+        x = pre.image(s.image)[None]
         head = model.ground(model.encode_image(x), text)
         f = x.shape[-1] / s.image.size[0]
         for o in s.objs:
