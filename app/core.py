@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import threading
 import traceback
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from .state import GroundRequest
 
 log = logging.getLogger("glip.app")
 DISPLAY_SIDE = 1280          # images are drawn on copies at most this large (boxes stay in original pixels)
+CPU_SIZE = 512               # shorter input side of a real GLIP on a CPU, unless set (GLIP_CPU_SIZE, 0: the model's)
 DISPLAY_MIN = 640            # and at least this large: labels on a small image would cover it
 
 
@@ -94,6 +96,7 @@ class Core:
         self.scratch = Scratch()
         self.budget = PixelBudget()
         self.cuda = torch.cuda.is_available()
+        self.cpu_size = int(os.environ.get("GLIP_CPU_SIZE", CPU_SIZE))
         self.samples: set[str] = set()       # digests of the images the app generated (synthetic scenes)
         self._display: OrderedDict[str, Image.Image] = OrderedDict()
         self._display_lock = threading.Lock()
@@ -142,8 +145,7 @@ class Core:
                 return self._display[path]
         w, h = probe_size(path)
         with self.budget.hold(w * h):
-            im = load_image(path)
-            im.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.BILINEAR)
+            im = load_image(path, max_side=DISPLAY_SIDE)  # a large JPEG is decoded at a reduced scale
             if max(im.size) < DISPLAY_MIN:
                 k = DISPLAY_MIN / max(im.size)
                 im = im.resize((round(im.width * k), round(im.height * k)), Image.BICUBIC)
@@ -177,18 +179,29 @@ class Core:
                              min_size=int(min_size) or None if min_size else None,
                              precision=precision if self.cuda else "fp32", best_only=bool(best_only))
 
+    def input_size(self, model, asked: int | None) -> tuple[int | None, int | None]:
+        """(min_size, max_size) for a prediction: what the user asked for, else the model's own, capped at
+        `cpu_size` on a CPU (GLIP-T's 800 px takes several times longer there: see docs/app.md)."""
+        if asked:
+            return asked, max(asked, 1333)
+        own = model.config.min_size_test
+        if not self.cuda and self.cpu_size and own > self.cpu_size:
+            return self.cpu_size, self.cpu_size * model.config.max_size_test // own
+        return None, None
+
     def predict(self, req: GroundRequest, output_attentions: bool = False, fusion: bool = True, threshold=None,
                 max_dets=None, model=None):
         """(model, GroundingResult) for a request, on the model that ran it (`req.ran`)."""
         model = model or self.manager.get(req.ran)
-        size = req.min_size
+        size, max_size = self.input_size(model, req.min_size)
         w, h = req.image_size
         with self.budget.hold(w * h):
             res = model.predict(
                 req.image, req.prompt, phrases=list(req.phrases) if req.phrases else None, mode=req.mode,
                 threshold=req.threshold if threshold is None else threshold, nms_iou=req.nms_iou,
-                max_dets=max_dets or req.max_dets, min_size=size, max_size=max(size, 1333) if size else None,
-                precision=req.precision, output_attentions=output_attentions, fusion=fusion)
+                max_dets=max_dets or req.max_dets, min_size=size, max_size=max_size,
+                precision=req.precision, output_attentions=output_attentions, fusion=fusion,
+                candidate_threshold=0.0 if self.manager.is_fallback(req.ran) else None)
         if req.best_only and threshold is None and max_dets is None:
             res = res.best_per_phrase(1)
         return model, res

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import re
 import threading
@@ -16,19 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image, UnidentifiedImageError
 
 from glip.errors import ImageError, PromptError
-from glip.image import MAX_PIXELS
+from glip.image import MAX_PIXELS, probe_size
 from glip.prompts import parse_prompt
 
 MAX_UPLOAD_BYTES = 20 * 2**20            # per file, uploads and data URLs alike
 MAX_PROMPT_CHARS = 2000
 MAX_PHRASES = 100
-# At most this many pixels (as the image headers state them) are being decoded / held at a time: two
-# images at the pixel limit, or many small ones. A request over the budget waits for the others.
-PIXEL_BUDGET = 2 * MAX_PIXELS
+# At most this many pixels (as the image headers state them) are being decoded / held at a time: one image
+# at the pixel limit and a few ordinary ones, or many small ones. A request over the budget waits.
+PIXEL_BUDGET = 3 * MAX_PIXELS // 2
 BUDGET_WAIT_S = 120.0
+TRIM_PIXELS = 16_000_000                 # after an image this large, freed memory goes back to the OS
 PUBLIC_API = ("ground_json",)            # the only endpoint callable without the page
 # JSON bodies: a prompt and file references, or one data URL of at most MAX_UPLOAD_BYTES (base64: 4/3)
 MAX_JSON_BODY = MAX_UPLOAD_BYTES * 4 // 3 + 64 * 1024
@@ -36,22 +35,6 @@ DRAIN_LIMIT = 4 * MAX_JSON_BODY          # an over-cap body up to this size is r
 
 
 # --- images ------------------------------------------------------------------------------------------------
-def probe_size(source) -> tuple[int, int]:
-    """(W, H) from the image header (a path or bytes), without decoding pixels; ImageError if unreadable or
-    over the pixel limit. (glip.image's own header check supersedes this once it exists.)"""
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-            w, h = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"Could not read the image: it is corrupt or not an image ({e.__class__.__name__}).") from None
-    if w * h > MAX_PIXELS:
-        raise ImageError(f"Image is too large ({w}×{h} = {w * h / 1e6:.0f} Mpx; the limit is {MAX_PIXELS / 1e6:.0f} Mpx). "
-                         "Downscale it first.")
-    if w < 1 or h < 1:
-        raise ImageError("Image is empty.")
-    return w, h
-
-
 def decode_data_url(url: str, folder: Path) -> str:
     """A base64 data URL → a file in `folder`, refused (before decoding) when over the upload limit."""
     head, _, data = url.partition(",")
@@ -137,9 +120,22 @@ class PixelBudget:
         try:
             yield
         finally:
+            if pixels >= TRIM_PIXELS:
+                _trim()
             with self.cond:
                 self.used -= pixels
                 self.cond.notify_all()
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc): a large decode's buffers otherwise stay resident in the
+    thread's malloc arena, and the next large image, decoded in another thread, stacks on top of them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # --- prompts -------------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def random_toy(seed: int = 0) -> GLIP:
     finally:
         torch.random.set_rng_state(state)
     load_pretrained_text_encoder(model.language_backbone, "all-MiniLM-L6-v2")
-    # Random heads score every box at about the 0.01 prior, under the 0.05 pre-filter: let them through so
-    # that the views have boxes to show (at a low score threshold).
-    model.config = model.config.replace(inference_th=0.0, pre_nms_top_n=100)
+    # Random heads score every box at about the 0.01 prior, under the 0.05 candidate filter: the app predicts
+    # with candidate_threshold=0 for it (`Core.predict`); fewer candidates keep NMS cheap.
+    model.config = model.config.replace(pre_nms_top_n=100)
     return model.eval()

@@ -6,8 +6,8 @@ Files are fetched from the Hub's resolve URLs, `{HF_ENDPOINT}/{repo}/resolve/{re
 `<cache>/downloads/<file>.part`, resumed with an HTTP Range request after an interruption. The free disk
 space is checked before the first byte is written (the download plus its converted copy). A file that a
 Space preloaded into the Hugging Face cache (`preload_from_hub`) is used in place, without a download.
-The official `.pth` (model + EMA + optimizer, ~4x the weights) is converted by `glip.checkpoint.convert`
-into `<cache>/<slug>/` (safetensors + config.json, optionally fp16) and then deleted.
+The official `.pth` (model + EMA + optimizer, ~4x the weights) is loaded (`GLIP.from_pretrained`) and saved
+(`save_pretrained`) into `<cache>/<slug>/` (safetensors + config.json, optionally fp16) and then deleted.
 
 Every failure is a `CheckpointError` with a one-line message that says what to do next.
 """
@@ -282,12 +282,12 @@ def fetch(rel: Release, cache: str | Path, fp16: bool = False, progress: Progres
         src = download(rel.url, cache / "downloads" / rel.filename, report, reserve=rel.size // (8 if fp16 else 4))
     if report:
         report(Progress("convert"))
-    from .checkpoint import convert
+    from .model import GLIP
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        convert(src, tmp, fp16=fp16, config=rel.config)
+        GLIP.from_pretrained(src, config=rel.config, device=None).save_pretrained(tmp, fp16=fp16)
     except CheckpointError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if downloaded:  # a corrupt download must not be converted again on the next try

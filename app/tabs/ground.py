@@ -91,7 +91,9 @@ class GroundTab:
         shown = (f"the best box of each phrase ({len(full)} above the threshold: pick 'all boxes' to see them)"
                  if best and len(full) > len(res) else f"{len(res)} boxes")
         ran = f"`{req.ran}`" + (f" (you picked `{req.model}`)" if req.ran != req.model else "")
+        size = self.core.input_size(model, req.min_size)[0] or model.config.min_size_test
         view.status_out = (f"{ran}: showing {shown} above {req.threshold:.2f} · {len(res.prompt.phrases)} phrases · "
+                           f"input {size} px · "
                            f"{len(res.tokens)} tokens · {ms:.0f} ms · network runs so far: image {st['image_runs']}, "
                            f"text {st['text_runs']}, fusion+head {st['head_runs']}"
                            + (" · *fallback model (random weights)*" if self.core.manager.is_fallback(req.ran) else ""))
@@ -136,10 +138,10 @@ class GroundTab:
     def heat_gallery(self, model, res, im, sel):
         kind, k = sel
         if kind == "phrase":
-            levels, comb = model.predictor.token_heatmaps(res, phrase=k)
+            levels, comb = model.predictor.token_heatmaps(res, phrase=k, size=im.size)
             name = render.phrase_labels(res.prompt.phrases)[k]
         else:
-            levels, comb = model.predictor.token_heatmaps(res, token_ids=[k])
+            levels, comb = model.predictor.token_heatmaps(res, token_ids=[k], size=im.size)
             name = res.tokens[k].text
         out = [(render.heat_overlay(im, comb.numpy()), f"'{name}': levels combined (max {float(comb.max()):.2f})")]
         hw, strides = res.states[0].hw, model.config.anchor_strides
