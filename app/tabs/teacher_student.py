@@ -28,7 +28,16 @@ PRESETS = {
     "toy-teacher → toy-student (synthetic world, ground truth shown)": (TEACHER, STUDENT),
     "GLIP-T (C) → GLIP-T (the paper's released pair)": ("GLIP-T (C)", "GLIP-T"),
 }
-LABEL_THRESHOLD = 0.5      # the labelling command's default (the paper's 0.5)
+
+
+def label_defaults() -> tuple[float, bool]:
+    """(threshold, best box per phrase only) of the labelling command's defaults."""
+    try:
+        from glip.label import LabelSettings
+    except ImportError:  # a library before `glip label`: the paper's 0.5, one box per phrase as `pseudo-label`
+        return 0.5, True
+    s = LabelSettings()
+    return s.threshold, s.max_per_phrase == 1
 
 
 # --- adapters to the library's labelling (one place each) -----------------------------------------------------
@@ -242,12 +251,13 @@ class TeacherStudentTab:
                                              sources=["upload", "clipboard"], elem_id="ts-image", image_mode=None)
                     c["ts_caption"] = gr.Textbox(label="Caption", lines=2, elem_id="ts-caption")
                     with gr.Row():
-                        c["t_thr"] = gr.Slider(0.0, 1.0, value=0.05 if low_thresholds else LABEL_THRESHOLD, step=0.01,
+                        c["t_thr"] = gr.Slider(0.0, 1.0, value=0.05 if low_thresholds else label_defaults()[0], step=0.01,
                                                label="Teacher threshold (labelling)")
                         c["s_thr"] = gr.Slider(0.0, 1.0, value=0.05 if low_thresholds else 0.3, step=0.01,
                                                label="Student threshold")
                         c["m_iou"] = gr.Slider(0.1, 0.95, value=0.5, step=0.05, label="Match IoU")
-                    c["best_in"] = gr.Checkbox(value=True, label="Best box per phrase (what the pseudo-labels keep)")
+                    c["best_in"] = gr.Checkbox(value=label_defaults()[1], label="Best box per phrase only (unchecked: "
+                                               "every box above the threshold)")
                     c["cmp_btn"] = gr.Button("Compare", variant="primary", elem_id="cmp-btn")
             c["ts_text"] = gr.HighlightedText(label="Caption: phrases (and words only the student learned)",
                                               show_legend=True)
