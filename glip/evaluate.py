@@ -44,17 +44,6 @@ EVAL_INFERENCE_TH = 0.01
 PROTOCOLS = ("any-box", "merged")
 
 
-@contextlib.contextmanager
-def _inference_th(model, value: float | None):
-    if value is None:
-        yield
-        return
-    before = model.config.inference_th
-    model.config.inference_th = value
-    try:
-        yield
-    finally:
-        model.config.inference_th = before
 
 
 def _bar(total, progress, desc):
@@ -244,20 +233,20 @@ def evaluate_grounding(model, data="test_ground", *, n: int = 200, seed: int = 1
     total = 0
     t0 = time.time()
     bar = _bar(len(records), progress, f"eval {ds.spec}")
-    with _inference_th(model, EVAL_INFERENCE_TH):
-        model.predictor.clear_cache()
-        for batch in _batches(records, batch_size):
-            targets = [grounding_prompt(r) for r in batch]
-            images = [r.load_image() for r in batch]
-            results = model.predict(images, [t[0] for t in targets], threshold=0.0, precision=precision)
-            for im, res, (_, phrases) in zip(images, results, targets):
-                for h in phrase_hits(_full_size_boxes(res, im), res.scores, res.phrase_ids, phrases, ks,
-                                     protocol=protocol):
-                    total += 1
-                    for k in ks:
-                        hits[k] += h[k]
-            bar.update(len(batch))
-        model.predictor.clear_cache()
+    model.predictor.clear_cache()
+    for batch in _batches(records, batch_size):
+        targets = [grounding_prompt(r) for r in batch]
+        images = [r.load_image() for r in batch]
+        results = model.predict(images, [t[0] for t in targets], threshold=0.0, precision=precision,
+                                    candidate_threshold=EVAL_INFERENCE_TH)
+        for im, res, (_, phrases) in zip(images, results, targets):
+            for h in phrase_hits(_full_size_boxes(res, im), res.scores, res.phrase_ids, phrases, ks,
+                                 protocol=protocol):
+                total += 1
+                for k in ks:
+                    hits[k] += h[k]
+        bar.update(len(batch))
+    model.predictor.clear_cache()
     bar.close()
     out = {f"R@{k}": hits[k] / max(total, 1) for k in ks}
     out.update(n_phrases=total, n_images=len(records), protocol=protocol, seconds=round(time.time() - t0, 1))
