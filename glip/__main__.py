@@ -1,4 +1,4 @@
-"""Command line: `python -m glip {predict,convert,parity,bench,...} --help`.
+"""Command line: `python -m glip {predict,convert,parity,bench,label,eval,train} --help`.
 
 Bad arguments and inputs end with one line on stderr and exit code 2 (see `glip.cli_args`).
 """
@@ -142,8 +142,11 @@ def build_parser() -> Parser:
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     s.set_defaults(fn=cmd_bench)
 
+    from .cli_data import add_commands as add_data_commands  # label, eval
+
+    add_data_commands(sub)
     try:
-        from .train.cli import add_commands  # training, pseudo-labelling, evaluation
+        from .train.cli import add_commands  # train
         add_commands(sub)
     except ImportError:
         pass

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..boxes import iou
 from .captions import caption_for, describable, detection_prompt
 from .draw import BACKGROUNDS, make_background, object_mask, poly_box, polygon_mask, render, shape_polygon
 from .schema import (
@@ -156,15 +157,6 @@ def plan(split: str, rng: np.random.Generator, cfg: WorldConfig) -> list[tuple[s
     raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
 
 
-def _iou(a, b) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def _grow(b, d: float):
     return b[0] - d, b[1] - d, b[2] + d, b[3] + d
 
@@ -193,7 +185,7 @@ def place(specs, rng: np.random.Generator, cfg: WorldConfig):
                 x, y = rng.uniform(m, S - m - w), rng.uniform(m, S - m - h)
             poly = poly + (np.clip(x, m, S - m - w), np.clip(y, m, S - m - h))
             box = poly_box(poly)
-            if any(_iou(box, o.box) > cfg.max_iou or (o.color == color and _iou(_grow(box, 3), o.box) > 0)
+            if any(iou(box, o.box) > cfg.max_iou or (o.color == color and iou(_grow(box, 3), o.box) > 0)
                    for o in objs):  # same-colour objects must not touch, or they merge into one blob
                 continue
             mask = polygon_mask(poly, S)

@@ -53,22 +53,22 @@ def prompt_variants(s) -> dict[str, Prompt]:
 @torch.no_grad()
 def target_hits(model, samples, variant: str, batch_size: int = 8) -> list[bool]:
     """Per test_novel sample: is the top box for the target (prompted with `variant`) a hit (IoU >= 0.5)?"""
-    from glip.evaluate import EVAL_INFERENCE_TH, _inference_th
+    from glip.evaluate import EVAL_INFERENCE_TH
 
     out = []
-    with _inference_th(model, EVAL_INFERENCE_TH):
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            res = model.predict([s.image for s in chunk], [prompt_variants(s)[variant] for s in chunk], threshold=0.0)
-            for s, r in zip(chunk, res):
-                p, _ = _novel_target(s)
-                if len(r) == 0:
-                    out.append(False)
-                    continue
-                gt = torch.tensor([s.objs[b].box for b in p.box_ids], dtype=torch.float32)
-                top = torch.as_tensor(r.boxes[:1], dtype=torch.float32)
-                out.append(bool((box_iou(top, gt) >= 0.5).any()))
-        model.predictor.clear_cache()
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        res = model.predict([s.image for s in chunk], [prompt_variants(s)[variant] for s in chunk], threshold=0.0,
+                            candidate_threshold=EVAL_INFERENCE_TH)
+        for s, r in zip(chunk, res):
+            p, _ = _novel_target(s)
+            if len(r) == 0:
+                out.append(False)
+                continue
+            gt = torch.tensor([s.objs[b].box for b in p.box_ids], dtype=torch.float32)
+            top = torch.as_tensor(r.boxes[:1], dtype=torch.float32)
+            out.append(bool((box_iou(top, gt) >= 0.5).any()))
+    model.predictor.clear_cache()
     return out
 
 
