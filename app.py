@@ -5,7 +5,7 @@
 Environment: GLIP_MODEL (local checkpoint: an official .pth or a folder of ours), GRADIO_SERVER_NAME,
 GRADIO_SERVER_PORT, GLIP_CONCURRENCY (default 2), GLIP_QUEUE_SIZE (default 32), GLIP_CACHE (where released
 checkpoints are downloaded and converted to), HF_ENDPOINT (a Hugging Face mirror), HF_HUB_OFFLINE=1 (no
-downloads). Nothing is shared publicly (no share links).
+downloads), GLIP_FP16=1 (store downloads converted to fp16). Nothing is shared publicly (no share links).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def parse_args(argv=None):
                     help="a local checkpoint (official .pth or our folder) offered first and used by default")
     ap.add_argument("--concurrency", type=int, default=int(os.environ.get("GLIP_CONCURRENCY", "2")))
     ap.add_argument("--queue-size", type=int, default=int(os.environ.get("GLIP_QUEUE_SIZE", "32")))
+    ap.add_argument("--fp16", action="store_true", default=os.environ.get("GLIP_FP16", "") not in ("", "0"),
+                    help="store downloaded checkpoints converted to fp16 (half the disk; computed in fp32)")
     return ap.parse_args(argv)
 
 
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     from app import ModelManager, build_demo, launch_kwargs, queue
     from glip.errors import GLIPError
 
-    manager = ModelManager(local=a.model)
+    manager = ModelManager(local=a.model, fp16=a.fp16)
     default = manager.default()
     try:  # load the default model now (a Space's preloaded GLIP-T is converted once): the first request is fast
         manager.wait(default)

@@ -262,6 +262,8 @@ def test_fetch_converts_once_caches_and_predicts(fake_hub, tmp_path, checkpoint_
     assert len(res) > 0
     half = hub.fetch(rel, tmp_path / "cache", fp16=True)
     assert half != folder and (half / "model.safetensors").stat().st_size < 0.6 * (folder / "model.safetensors").stat().st_size
+    assert len(GLIP.from_pretrained(half, device="cpu").predict(np.zeros((90, 120, 3), np.uint8) + 128, "cat",
+                                                              threshold=0.0)) > 0
 
 
 def test_a_corrupt_download_is_not_kept(fake_hub, tmp_path):
