@@ -8,6 +8,8 @@ only web captions say). Prints the spec that reads the export back.
     python -m glip.data export web --seed 0 --n 8000 --format webdataset --out data/web --shard-size 1000
     python -m glip.data export test_det --seed 1 --n 200 --format coco --out data/test_det
 
+    python -m glip.data judge runs/pseudo     # precision of web pseudo-labels against the hidden truth
+
 Legacy form: python -m glip.data SPLIT N OUT_DIR [--seed S] writes the world's truth export (PNG + COCO
 with attributes + ODVG, web's hidden boxes included) as before.
 """
@@ -48,10 +50,25 @@ def export(argv) -> int:
     return 0
 
 
+def judge(argv) -> int:
+    from .formats import from_odvg
+    from .judge import sweep
+
+    ap = argparse.ArgumentParser(prog="python -m glip.data judge",
+                                 description="precision of pseudo-labels of the web split against its hidden boxes")
+    ap.add_argument("labels", help="an ODVG file or a `glip label` output folder")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    a = ap.parse_args(argv)
+    print(json.dumps(sweep(from_odvg(a.labels), tuple(a.thresholds)), indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "export":
         return export(argv[1:])
+    if argv and argv[0] == "judge":
+        return judge(argv[1:])
     from .formats import export_split
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -91,7 +91,8 @@ def to_odvg(items: list[Sample | dict], path: str | Path) -> list[dict]:
 
 
 def from_odvg(path: str | Path) -> list[dict]:
-    """Every ODVG line of a file; DataError naming the file and line at the first malformed one."""
+    """Every ODVG line of a file or of a `glip label` output folder (its shards in order); DataError naming
+    the file and line at the first malformed one."""
     from glip.datasets.odvg import read_odvg_lines
     from glip.errors import DataError
 

@@ -1,4 +1,5 @@
 """`odvg:FILE.jsonl[:IMAGES]` — ODVG lines, the format Open-GroundingDino and mmdetection train from.
+FILE may also be the output folder of `glip label` (its shards are read in order) or a folder of .jsonl.
 
 Grounding line (gold, or pseudo-labels with a `score` per region):
     {"filename": str, "height": int, "width": int,
@@ -87,10 +88,13 @@ def record_from_odvg(rec: dict, image_root: Path | None, key: str, names: dict[i
     return Record(regions=regions, **common)
 
 
-def odvg_from_record(r: Record) -> dict:
-    """The ODVG line of a record: grounding when it has a caption, detection otherwise."""
+def odvg_from_record(r: Record, detection: bool | None = None) -> dict:
+    """The ODVG line of a record: a detection line when `detection` (default: when it has no caption),
+    a grounding line otherwise."""
     out = {"filename": r.file_name, "height": r.height, "width": r.width}
-    if r.caption is not None:
+    if detection is None:
+        detection = r.caption is None
+    if not detection:
         regions = []
         for g in r.regions or ():
             d = {"bbox": list(g.box), "phrase": g.phrase, "tokens_positive": [list(s) for s in g.spans]}
@@ -104,8 +108,36 @@ def odvg_from_record(r: Record) -> dict:
     return out
 
 
+def odvg_files(path: str | Path) -> list[Path]:
+    """The ODVG files a path names: a file; the output folder of `glip label` (its shards, in the order of
+    its manifests); or a folder of .jsonl files (sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise DataError(f"ODVG file not found: {p}")
+    manifests = sorted(p.glob("manifest*.json"))
+    if manifests:
+        entries = []
+        for m in manifests:
+            try:
+                entries += json.loads(m.read_text())["shards"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{m}: not a labelling manifest") from None
+        return [p / e["file"] for e in sorted(entries, key=lambda e: e["index"])]
+    files = sorted(p.glob("*.jsonl"))
+    if not files:
+        raise DataError(f"{p}: no .jsonl file and no labelling manifest")
+    return files
+
+
 def read_odvg_lines(path: str | Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(line number, record, error) for each non-empty line, validated."""
+    """(line number, record, error) for each non-empty line, validated (a folder: every file of
+    `odvg_files` in turn, line numbers counted per file)."""
+    if Path(path).is_dir():
+        for f in odvg_files(path):
+            yield from read_odvg_lines(f)
+        return
     path = Path(path)
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
@@ -129,7 +161,7 @@ class OdvgDataset(Dataset):
                  spec: str = ""):
         super().__init__(spec or f"odvg:{path}")
         self.path = Path(path)
-        self.image_root = Path(images) if images else self.path.parent
+        self.image_root = Path(images) if images else (self.path if self.path.is_dir() else self.path.parent)
         first = next((rec for _, rec, _ in read_odvg_lines(self.path) if rec is not None), None)
         self.task = "detection" if first is not None and "detection" in first else "grounding"
         self.names: dict[int, str] = {}
@@ -146,12 +178,15 @@ class OdvgDataset(Dataset):
             self.categories = tuple(Category(k, v) for k, v in sorted(self.names.items()))
 
     def __len__(self) -> int:
-        with self.path.open("rb") as f:
-            return sum(1 for line in f if line.strip())
+        n = 0
+        for p in odvg_files(self.path):
+            with p.open("rb") as f:
+                n += sum(1 for line in f if line.strip())
+        return n
 
     def _records(self) -> Iterator[Record]:
-        for line_no, rec, error in read_odvg_lines(self.path):
-            key = f"{line_no:09d}"
+        for i, (line_no, rec, error) in enumerate(read_odvg_lines(self.path)):
+            key = f"{i:09d}"
             if error is not None:
                 yield Record(key=key, file_name="", error=error)
             else:
@@ -159,9 +194,9 @@ class OdvgDataset(Dataset):
 
 
 def write_odvg(records: Iterable[Record | dict], path: str | Path, categories=None) -> list[dict]:
-    """Write ODVG lines atomically (records or ready ODVG dicts, each validated); with `categories`,
-    also the label map `<path stem>_label_map.json`. Returns the lines written."""
-    lines = [r if isinstance(r, dict) else odvg_from_record(r) for r in records]
+    """Write ODVG lines atomically (records or ready ODVG dicts, each validated). With `categories` (a
+    detection dataset): detection lines and the label map `<path stem>_label_map.json`. Returns the lines."""
+    lines = [r if isinstance(r, dict) else odvg_from_record(r, detection=bool(categories)) for r in records]
     for k, line in enumerate(lines):
         check_odvg(line, f"{path}: record {k}")
     atomic_write_bytes(path, jsonl_bytes(lines))
@@ -172,4 +207,4 @@ def write_odvg(records: Iterable[Record | dict], path: str | Path, categories=No
     return lines
 
 
-__all__ = ["OdvgDataset", "check_odvg", "odvg_from_record", "read_odvg_lines", "record_from_odvg", "write_odvg"]
+__all__ = ["OdvgDataset", "check_odvg", "odvg_files", "odvg_from_record", "read_odvg_lines", "record_from_odvg", "write_odvg"]

@@ -9,7 +9,8 @@
                                 a manifest: one row per pair, image path relative to the manifest;
                                 options image=COLUMN caption=COLUMN (defaults image, caption), key=COLUMN
     coco:ANN.json[:IMAGES]      COCO instances JSON + image folder (default: the JSON's folder)
-    odvg:FILE.jsonl[:IMAGES]    ODVG grounding or detection lines; option labelmap=FILE
+    odvg:FILE.jsonl[:IMAGES]    ODVG grounding or detection lines (FILE may be a `glip label` output
+                                folder); option labelmap=FILE
     mdetr:FILE.json[:IMAGES]    MDETR-style COCO with captions and tokens_positive (Flickr30k Entities, GoldG)
     world:SPLIT:SEED[:N]        the synthetic world, rendered on the fly (N defaults to 200)
 
@@ -98,7 +99,9 @@ def open_dataset(spec: str | Dataset) -> Dataset:
 
         return ManifestDataset(_existing(s.parts[0], s), s.scheme, spec=s.text, **s.options)
     images = Path(s.parts[1]).expanduser() if len(s.parts) > 1 and s.parts[1] else None
-    ann = _existing(s.parts[0], s)
+    ann = Path(s.parts[0]).expanduser()
+    if not (ann.is_file() or (s.scheme == "odvg" and ann.is_dir())):
+        raise DataError(f"{s.text}: file not found: {ann}")
     if images is not None and not images.is_dir():
         raise DataError(f"{s.text}: image folder not found: {images}")
     if s.scheme == "coco":
