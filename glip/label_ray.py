@@ -180,12 +180,31 @@ class ShardLabeller:
                     return
                 os._exit(1)
 
-        t0 = time.perf_counter()
+        start = time.time()
         result = label_shard(self.model, shard, self.settings, prefetch=self.prefetch, on_batch=on_batch)
         entry = write_shard(self.out, shard.name, result)
         return {"name": shard.name, "entry": entry, "seen": counts[0], "pairs": counts[0] - counts[2],
                 "regions": counts[1], "rejects": counts[2], "reasons": dict(Counter(r["reason"] for r in result.rejects)),
-                "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+                "start": start, "end": time.time(), "worker": f"{ray_node()}:{os.getpid()}"}
+
+
+def ray_node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:8]
+
+
+def engine_figures(results: list[dict], wall_s: float, actors: int) -> dict:
+    """How busy the workers were: the median gap between two shards on one worker (the dispatch cost
+    a shard pays: its result back to the driver, the next shard out) and the fraction of the actors'
+    time spent inside shards (the rest: gaps, and actors idle at the end while the last shards finish)."""
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        by_worker.setdefault(r["worker"], []).append((r["start"], r["end"]))
+    gaps = [b[0] - a[1] for spans in by_worker.values() for a, b in zip(sorted(spans), sorted(spans)[1:])]
+    busy = sum(r["end"] - r["start"] for r in results)
+    return {"shard_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
+            "busy": round(busy / (wall_s * actors), 3) if wall_s > 0 and actors else None}
 
 
 class ProgressBoard:
@@ -280,7 +299,7 @@ def label_ray(model: str, data: str | Dataset, out: str | Path, settings: LabelS
                                 board_name, os.environ.get(DIE_ONCE_ENV) or None, os.getcwd()) for _ in range(n_actors if todo else 0)]
         ready = ray_mod.get([a.ready.remote() for a in actors])
         t_ready = time.perf_counter() - t_start
-        counts, reasons, n_done, seconds = _drive(ray_mod, plan, todo, actors, board, progress, cfg.retries)
+        counts, reasons, n_done, seconds, figures = _drive(ray_mod, plan, todo, actors, board, progress, cfg.retries)
     except ray_mod.exceptions.RayTaskError as e:
         err = _unwrap(ray_mod, e)
         if err is e:
@@ -293,7 +312,8 @@ def label_ray(model: str, data: str | Dataset, out: str | Path, settings: LabelS
             ray_mod.shutdown()
     return plan.finish(counts, reasons, n_done, seconds, engine="ray", nodes=len(nodes), actors=len(actors),
                        threads_per_actor=place.threads, gpus_per_actor=place.gpus, connect_s=round(t_connect, 2),
-                       startup_s=round(t_ready, 2), model_load_s=max((r["load_s"] for r in ready), default=0.0))
+                       startup_s=round(t_ready, 2), model_load_s=max((r["load_s"] for r in ready), default=0.0),
+                       **figures)
 
 
 def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: int):
@@ -311,6 +331,7 @@ def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: 
     counts = {"pairs": 0, "regions": 0, "rejects": 0}
     reasons: Counter = Counter()
     n_done, shown, last = 0, 0, None
+    results: list[dict] = []
     t0 = time.perf_counter()
 
     def refresh(seen: int, regions: int, rejects: int):
@@ -342,6 +363,7 @@ def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: 
                                    f"out of memory? fewer actors or a smaller batch size help); the finished shards "
                                    f"are in {plan.run.path}: rerun with --resume") from None
             plan.add(by_name[r["name"]], r["entry"])
+            results.append(r)
             n_done += 1
             for k in counts:
                 counts[k] += r[k]
@@ -350,8 +372,21 @@ def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: 
         refresh(counts["pairs"] + counts["rejects"], counts["regions"], counts["rejects"])  # exact, not the board's
     finally:
         bar.close()
-    return counts, dict(reasons), n_done, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return counts, dict(reasons), n_done, wall, engine_figures(results, wall, len(actors))
 
 
-__all__ = ["DIE_ONCE_ENV", "Placement", "ProgressBoard", "RayConfig", "ShardLabeller", "connect", "label_ray",
+def label_from_args(a, ds: Dataset, settings: LabelSettings, shard: tuple[int, int]) -> dict:
+    """`python -m glip label --engine ray ...` (glip/cli_data.py parses the arguments)."""
+    cfg = RayConfig(address=a.address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
+                    threads_per_actor=a.threads_per_actor if a.threads_per_actor is not None else a.threads)
+    config = a.config
+    if config is not None and Path(config).exists():
+        config = str(Path(config).resolve())
+    return label_ray(a.model, ds, a.out, settings, config=cfg, shard=shard, resume=a.resume,
+                     records_per_shard=a.records_per_shard, model_name=a.model, progress=not a.no_progress,
+                     model_kwargs={"config": config, "device": a.device})
+
+
+__all__ = ["DIE_ONCE_ENV", "Placement", "ProgressBoard", "RayConfig", "ShardLabeller", "connect", "label_from_args", "label_ray",
            "plan_actors"]

@@ -30,7 +30,9 @@ def _env() -> dict:
 # no cluster needed
 # --------------------------------------------------------------------------------------------------
 def test_import_glip_does_not_import_ray():
-    code = ("import sys, glip, glip.label, glip.datasets, glip.__main__\n"
+    """The library, its CLI, the app, and even this engine's module load without Ray (it is imported when a
+    Ray run starts)."""
+    code = ("import sys, glip, glip.label, glip.datasets, glip.__main__, glip.cli_data, glip.label_ray, app\n"
             "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(), cwd=REPO, timeout=120)
 
@@ -145,7 +147,7 @@ def test_ray_output_equals_local(ray_session, corpus, local_out, tmp_path, capsy
     assert (s["pairs"], s["rejects"], s["shards"]) == (12, 2, 4)
     assert s["this_run"]["engine"] == "ray" and s["this_run"]["actors"] == 2
     err = capsys.readouterr().err
-    assert "shards=4/4" in err and "rejects=2" in err and "pair/s" in err
+    assert "shards=4/4" in err and "rejects=2" in err and "pair/s" in err and "eta=" in err
 
 
 def test_worker_killed_mid_shard_is_retried(ray_session, corpus, local_out, tmp_path, monkeypatch, capsys):
