@@ -112,6 +112,8 @@ def plan_actors(cfg: RayConfig, nodes: list[dict]) -> Placement:
                           f"{max(cpus, default=0):g} on one node)")
     fit = sum(min(int(c // t), int(gg / g + 1e-9) if g > 0 else c) for c, gg in zip(cpus, gpus))
     fit = int(fit)
+    if fit == 0:
+        raise ConfigError(f"no node has both {t} CPUs and {g:g} GPUs for one actor; lower --threads-per-actor")
     if cfg.actors is None:
         return Placement(fit, t, g)
     if cfg.actors > fit:

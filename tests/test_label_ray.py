@@ -60,6 +60,8 @@ def test_more_gpus_than_exist_is_an_error():
         plan_actors(RayConfig(gpus_per_actor=3), GPU_NODES)
     with pytest.raises(ConfigError, match=r"--threads-per-actor 3 asks for more CPUs than any node has"):
         plan_actors(RayConfig(threads_per_actor=3), ONE_NODE)
+    with pytest.raises(ConfigError, match=r"no node has both 4 CPUs and 1 GPUs"):  # the GPU is on the small node
+        plan_actors(RayConfig(threads_per_actor=4, gpus_per_actor=1), [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 16.0}])
 
 
 def test_actors_times_threads_over_cores_is_clamped_with_a_warning():
