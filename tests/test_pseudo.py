@@ -1,10 +1,13 @@
-"""Pseudo-labelling (issue 3): ODVG round trip, precision against hidden truth, the labeller's plumbing."""
+"""Pseudo-labels of the world's web split: precision against its hidden truth (glip.data.judge, reporting
+only) and known-word scoring (glip.label.known_word_prompt), with a stand-in labeller."""
 import numpy as np
 import pytest
-import torch
 
-from glip.data import from_odvg, make_sample, odvg_record, to_odvg
-from glip.pseudo import pseudo_label, pseudo_label_precision, sweep
+from glip.data import KNOWN_WORDS, from_odvg, make_sample, odvg_record, to_odvg
+from glip.datasets import open_dataset
+from glip.errors import ConfigError
+from glip.label import ARTICLES, LabelSettings, known_word_prompt, label_shard
+from glip.pseudo import by_word, judge_regions, pseudo_label_precision, sweep
 
 
 def test_truth_records_have_precision_one(tmp_path):
@@ -26,15 +29,19 @@ def test_wrong_boxes_lower_precision():
     assert pseudo_label_precision([rec])["precision"] == 0.0
 
 
-class _FakeModel:
-    """Stands in for the teacher: grounds every phrase on one fixed box (no network needed)."""
+class FakeLabeller:
+    """Stands in for the teacher: grounds every phrase on one fixed box, twice (no network needed)."""
+
+    def __init__(self):
+        self.seen = []
 
     def eval(self):
         return self
 
-    def predict(self, images, prompts, threshold=0.5):
+    def predict(self, images, prompts, threshold=0.5, precision="fp32"):
         from glip.results import GroundingResult
 
+        self.seen.extend(prompts)
         out = []
         for im, p in zip(images, prompts):
             n = len(p.phrases)
@@ -45,36 +52,19 @@ class _FakeModel:
         return out
 
 
-def test_pseudo_label_round_trip(tmp_path):
-    recs, stats = pseudo_label(_FakeModel(), n=5, seed=0, batch_size=2, out=tmp_path / "p.jsonl", progress=False)
-    assert stats["n_images"] == 5 and stats["n_boxes"] > 0
-    back = from_odvg(tmp_path / "p.jsonl")
-    assert back == recs
-    for r in back:
-        assert r["filename"].startswith("web_s0_")
-        for g in r["grounding"]["regions"]:
-            assert 0.0 <= g["score"] <= 1.0
-            cap = r["grounding"]["caption"]
-            assert all(cap[b:e] for b, e in g["tokens_positive"])
-    # max_per_phrase=1 keeps only the best box of each phrase
-    per = [len(r["grounding"]["regions"]) for r in back]
-    recs_all, _ = pseudo_label(_FakeModel(), n=5, seed=0, batch_size=2, max_per_phrase=None, progress=False)
-    assert [len(r["grounding"]["regions"]) for r in recs_all] == [2 * k for k in per]
-
-
-def test_pseudo_label_with_a_real_model():
-    from glip.config import get_preset
-    from glip.model import GLIP
-
-    torch.manual_seed(0)
-    model = GLIP(get_preset("toy").replace(min_size_test=128, max_size_test=128, num_dyhead_blocks=1))
-    recs, stats = pseudo_label(model, n=2, threshold=0.0, batch_size=2, progress=False)
-    assert len(recs) == 2 and stats["n_images"] == 2
+def test_judged_labels_of_the_web_split(tmp_path):
+    recs = list(open_dataset("world:web:0:5"))
+    one = label_shard(FakeLabeller(), recs, LabelSettings(batch_size=2, max_per_phrase=1)).records
+    every = label_shard(FakeLabeller(), recs, LabelSettings(batch_size=2)).records
+    assert [2 * len(r["grounding"]["regions"]) for r in one] == [len(r["grounding"]["regions"]) for r in every]
+    to_odvg(one, tmp_path / "p.jsonl")
+    assert from_odvg(tmp_path / "p.jsonl") == one
+    p = pseudo_label_precision(one)
+    assert 0.0 <= p["precision"] <= 1.0 and p["n_regions"] == sum(len(r["grounding"]["regions"]) for r in one)
 
 
 def test_by_word_groups_regions_by_the_novel_word_their_phrase_names():
     from glip.data import NOVEL_WORDS
-    from glip.pseudo import by_word, judge_regions
 
     samples = [make_sample("web", i, 0) for i in range(40)]
     recs = [odvg_record(s, scores=[0.8] * sum(len(p.box_ids) for p in s.phrases)) for s in samples]
@@ -92,12 +82,10 @@ def test_by_word_groups_regions_by_the_novel_word_their_phrase_names():
 
 def test_known_word_prompt_narrows_each_phrase_to_its_known_words():
     from glip.prompts import from_caption
-    from glip.pseudo import ARTICLES, known_word_prompt
-    from glip.train.data import ATTRIBUTE_WORDS
 
     cap = "a big red crescent and a turquoise circle, plus a photo."
     p = from_caption(cap)
-    k = known_word_prompt(p, ATTRIBUTE_WORDS)
+    k = known_word_prompt(p, KNOWN_WORDS)
     assert k.caption == p.caption and k.phrases == p.phrases and len(k.spans) == len(p.spans)
     words = {name: [cap[b:e] for b, e in sp] for name, sp in zip(k.phrases, k.spans)}
     assert words["a big red crescent"] == ["big", "red"]
@@ -109,24 +97,16 @@ def test_known_word_prompt_narrows_each_phrase_to_its_known_words():
     words = {name: [cap[b:e] for b, e in sp] for name, sp in zip(c.phrases, c.spans)}
     assert words["a big red crescent"] == ["big", "red", "crescent"]
     assert words["a turquoise circle"] == ["turquoise", "circle"] and words["a photo"] == ["photo"]
-    with pytest.raises(ValueError, match="score_words"):
-        pseudo_label(_FakeModel(), n=1, progress=False, score_words="known")  # the CLI maps "known" to a set
+    with pytest.raises(ConfigError, match="score_words"):
+        LabelSettings(score_words="known").validate()  # the CLI maps "known" to the model's vocabulary
 
 
-def test_known_word_scoring_writes_the_whole_phrase(tmp_path):
+def test_known_word_scoring_writes_the_whole_phrase():
     """The scoring prompt is narrowed, the region written is not: the student must see the novel word."""
-    from glip.train.data import ATTRIBUTE_WORDS
-
-    seen = []
-
-    class Spy(_FakeModel):
-        def predict(self, images, prompts, threshold=0.5):
-            seen.extend(prompts)
-            return super().predict(images, prompts, threshold)
-
-    recs, stats = pseudo_label(Spy(), n=4, seed=0, batch_size=2, progress=False, score_words=ATTRIBUTE_WORDS)
-    plain, _ = pseudo_label(_FakeModel(), n=4, seed=0, batch_size=2, progress=False)
-    assert recs == plain  # the fake model's boxes do not depend on spans: same records, same full-phrase spans
-    assert stats["score_words"] == sorted(ATTRIBUTE_WORDS)
-    assert any(len(sp) and all(p.caption[b:e].lower() in ATTRIBUTE_WORDS for b, e in sp)
-               for p in seen for sp in p.spans)
+    recs = list(open_dataset("world:web:0:4"))
+    spy = FakeLabeller()
+    known = label_shard(spy, recs, LabelSettings(batch_size=2, score_words=KNOWN_WORDS))
+    plain = label_shard(FakeLabeller(), recs, LabelSettings(batch_size=2))
+    assert known.records == plain.records  # the fake's boxes do not depend on spans: same full-phrase spans
+    assert any(len(sp) and all(p.caption[b:e].lower() in KNOWN_WORDS for b, e in sp)
+               for p in spy.seen for sp in p.spans)
