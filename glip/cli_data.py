@@ -98,7 +98,7 @@ def add_commands(sub) -> None:
     s.add_argument("--engine", default="local", choices=["local", "ray"], help="label here, or on a Ray cluster "
                    "(docs/scale-out.md)")
     s.add_argument("--address", default=None, help="ray: the cluster to join (auto, ray://head:10001, host:port); "
-                   "default: $RAY_ADDRESS or a new local Ray")
+                   "default: $RAY_ADDRESS, else a new local Ray")
     s.add_argument("--actors", type=int, default=None, help="ray: labelling workers (default: as many as fit)")
     s.add_argument("--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per worker (0.5: two share a GPU)")
     s.add_argument("--threads-per-actor", type=int, default=None,

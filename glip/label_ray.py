@@ -52,7 +52,7 @@ POLL_S = 0.5  # how often the driver refreshes the progress bar while shards run
 class RayConfig:
     """How the Ray engine runs: where, how many actors, and what each one asks of the cluster."""
 
-    address: str | None = None          # None: join $RAY_ADDRESS or start a local Ray; "auto"; "ray://head:10001"
+    address: str | None = None          # None: $RAY_ADDRESS, else a new local Ray; "auto"; "ray://head:10001"
     actors: int | None = None           # None: as many as the cluster's CPUs (and GPUs) fit
     gpus_per_actor: float = 0.0         # 0: CPU actors; 0.25: four actors share a GPU; 2: two GPUs each
     threads_per_actor: int | None = None  # torch threads = CPUs asked per actor (None: see `plan_actors`)
@@ -227,22 +227,25 @@ class ProgressBoard:
 # the driver
 # --------------------------------------------------------------------------------------------------
 def connect(address: str | None):
-    """The `ray` module, initialised: an existing session is reused, `address` joined ("auto", "ray://...",
-    "host:port"), or with None `$RAY_ADDRESS` or a new local instance. Returns (ray, started_here)."""
+    """The `ray` module, initialised: an existing session of this process is reused, else `address` joined
+    ("auto": the cluster `ray start` runs on this machine, "ray://host:10001", "host:port"), else
+    `$RAY_ADDRESS`, else a new private local instance (never a cluster found by chance). Returns
+    (ray, started_here)."""
     try:
         import ray
     except ImportError:
         raise ConfigError("--engine ray needs Ray: pip install 'ray[data]==2.60.0'") from None
     if ray.is_initialized():
         return ray, False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     kw: dict = {"logging_level": logging.WARNING}
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if address == "local":
         kw["include_dashboard"] = False
     try:
         ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ConfigError(f"--address {address or os.environ.get('RAY_ADDRESS')}: cannot join a Ray cluster ({first})") from None
+        raise ConfigError(f"--address {address}: cannot join a Ray cluster ({first})") from None
     return ray, True
 
 

@@ -4,8 +4,8 @@
 
 Writes a WebDataset corpus of the synthetic world's web pairs, then labels it `--repeats` times with each
 engine setting in turn (interleaved, so drifting load on a shared machine hits each setting alike):
-the local engine with `--threads` torch threads, and Ray with 1 actor × `--threads` threads and
-`--threads` actors × 1 thread. Pairs/s is timed from the first shard handed out to the last one
+the local engine with `--threads` torch threads, Ray with 1 actor × `--threads` threads and with
+`--threads` actors × 1 thread, and the local engine with 1 thread (one worker's rate alone). Pairs/s is timed from the first shard handed out to the last one
 recorded (the model already loaded, as the local engine's own figure); Ray's start-up (joining or
 starting Ray, then starting the actors and loading their models) is reported apart, and so is the
 per-shard cost: the median gap between two shards on one worker (its result back to the driver, the
@@ -58,20 +58,22 @@ def main(argv=None) -> int:
     settings = dict(batch_size=a.batch_size)
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=n, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level="warning")
     init_s = time.perf_counter() - t0
 
     torch.set_num_threads(n)
     model = GLIP.from_pretrained(a.model, device="cpu")
-    engines = {f"local {n} threads": None, f"ray 1 actor x {n} threads": RayConfig(actors=1, threads_per_actor=n)}
+    engines = {f"local {n} threads": n, f"ray 1 actor x {n} threads": RayConfig(actors=1, threads_per_actor=n)}
     if n > 1:
         engines[f"ray {n} actors x 1 thread"] = RayConfig(actors=n, threads_per_actor=1)
+        engines["local 1 thread"] = 1  # one worker's rate alone: what n single-thread actors can at best multiply
     rows: dict[str, list[dict]] = {k: [] for k in engines}
     reference = None
     for rep in range(a.repeats):
         for name, cfg in engines.items():
             out = work / f"out-{rep}-{len(rows[name])}-{name.replace(' ', '_')}"
-            if cfg is None:
+            if isinstance(cfg, int):
+                torch.set_num_threads(cfg)
                 s = label(model, corpus, out, model_name=a.model, progress=False, **settings)
             else:
                 s = label_ray(a.model, corpus, out, config=cfg, model_name=a.model, progress=False, **settings)
