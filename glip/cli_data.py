@@ -29,6 +29,16 @@ def cmd_label(a) -> int:
     shard = parse_shard(a.shard)
     check_writable(a.out)               # an unwritable --out fails before the model is loaded
     ds = open_dataset(a.data)           # so does a bad spec or a missing file
+    if a.engine == "ray":               # the same labelling on a Ray cluster
+        from glip.label_ray import label_from_args
+
+        summary = label_from_args(a, ds, settings, shard)
+        print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
+        return 0
+    if a.address or a.actors is not None or a.gpus_per_actor or a.threads_per_actor is not None:
+        from glip.errors import ConfigError
+
+        raise ConfigError("--address, --actors, --gpus-per-actor and --threads-per-actor need --engine ray")
     _threads(a.threads)
     from glip.model import GLIP
 
@@ -87,6 +97,14 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=threads, default=None, help="CPU threads for torch")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--engine", default="local", choices=["local", "ray"], help="label here, or on a Ray cluster "
+                   "(docs/scale-out.md)")
+    s.add_argument("--address", default=None, help="ray: the cluster to join (auto, ray://head:10001, host:port); "
+                   "default: $RAY_ADDRESS, else a new local Ray")
+    s.add_argument("--actors", type=int, default=None, help="ray: labelling workers (default: as many as fit)")
+    s.add_argument("--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per worker (0.5: two share a GPU)")
+    s.add_argument("--threads-per-actor", type=int, default=None,
+                   help="ray: torch threads = CPUs reserved per worker (default: --threads, else see the docs)")
     s.set_defaults(fn=cmd_label)
 
     s = sub.add_parser("eval", help="COCO AP on detection data, Recall@k on grounding data")

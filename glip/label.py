@@ -46,7 +46,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from glip.datasets import Dataset, Record, open_dataset
+from glip.datasets import Dataset, Record, Shard, open_dataset
 from glip.datasets.records import decode_image
 from glip.datasets.writers import atomic_write_bytes, atomic_write_text, jsonl_bytes
 from glip.errors import ConfigError, GLIPError, ImageError, PromptError
@@ -469,13 +469,49 @@ def _shard_stream(shards: Iterator, settings: LabelSettings, depth: int):
         yield shard, items()
 
 
-@torch.no_grad()
-def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings | None = None, *,
-          shard: tuple[int, int] | str = (0, 1), resume: bool = False, records_per_shard: int = RECORDS_PER_SHARD,
-          model_name: str = "", progress: bool = True, prefetch: int = 32, **kw) -> dict:
-    """Label a dataset (spec or Dataset) into `out`: see the module docstring. Settings come as a
-    `LabelSettings` or as its fields (`threshold=`, `batch_size=`, ...). Returns the summary (also written
-    to summary.json): pairs, regions, regions per pair, score histogram, rejects by reason, time."""
+@dataclass
+class RunPlan:
+    """What every driver (this local one, `glip.label_ray`) sets up before the first shard and does after
+    each: the validated settings, the opened dataset, the manifest and the shards still to label."""
+
+    settings: LabelSettings
+    shard: tuple[int, int]
+    out: Path
+    ds: Dataset
+    run: LabelRun
+    done: set[str]
+    records_per_shard: int
+
+    def todo(self) -> Iterator[Shard]:
+        """This slice's input shards that the manifest does not list as complete, in input order."""
+        i, n = self.shard
+        return (s for s in self.ds.shards(self.records_per_shard) if s.index % n == i and s.name not in self.done)
+
+    def total_pairs(self) -> int | None:
+        size = self.ds.size
+        return None if size is None else -(-size // self.shard[1]) if self.shard[1] > 1 else size
+
+    def add(self, s: Shard, entry: dict) -> None:
+        """Record a written shard (`write_shard`'s entry) in the manifest."""
+        self.run.add({"index": s.index, **entry,
+                      "input": s.source if s.source != self.ds.spec else f"{self.ds.spec}#{s.name}"})
+
+    def finish(self, counts: dict, reasons: dict, n_done: int, seconds: float, **extra) -> dict:
+        """The summary (written to summary.json): totals of the manifest and this run's counts."""
+        summary = {**self.run.totals(), "this_run": {"shards": n_done, "shards_skipped": len(self.done), **counts,
+                                                     "rejects_by_reason": dict(sorted(reasons.items())),
+                                                     "seconds": round(seconds, 2),
+                                                     "pairs_per_s": round((counts["pairs"] + counts["rejects"]) / seconds, 2)
+                                                     if seconds > 0 else None, **extra},
+                   "out": str(self.out), "manifest": self.run.path.name}
+        atomic_write_text(self.out / f"summary{_suffix(self.shard)}.json", json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+def plan_run(data: str | Dataset, out: str | Path, settings: LabelSettings | None = None, *,
+             shard: tuple[int, int] | str = (0, 1), resume: bool = False, records_per_shard: int = RECORDS_PER_SHARD,
+             model_name: str = "", **kw) -> RunPlan:
+    """Validate the settings, prove `out` writable, open the dataset and start (or resume) the manifest."""
     if settings is not None and kw:
         raise ConfigError("give either settings or its fields, not both")
     try:
@@ -490,12 +526,23 @@ def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings |
     run = LabelRun(out, shard)
     done = run.start({"model": model_name, "data": ds.spec, "records_per_shard": records_per_shard,
                       "shard": list(shard), **settings.to_json()}, resume)
+    return RunPlan(settings, shard, out, ds, run, done, records_per_shard)
+
+
+@torch.no_grad()
+def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings | None = None, *,
+          shard: tuple[int, int] | str = (0, 1), resume: bool = False, records_per_shard: int = RECORDS_PER_SHARD,
+          model_name: str = "", progress: bool = True, prefetch: int = 32, **kw) -> dict:
+    """Label a dataset (spec or Dataset) into `out`: see the module docstring. Settings come as a
+    `LabelSettings` or as its fields (`threshold=`, `batch_size=`, ...). Returns the summary (also written
+    to summary.json): pairs, regions, regions per pair, score histogram, rejects by reason, time."""
+    plan = plan_run(data, out, settings, shard=shard, resume=resume, records_per_shard=records_per_shard,
+                    model_name=model_name, **kw)
+    settings = plan.settings
     model.eval()
     from tqdm import tqdm
 
-    size = ds.size
-    total = None if size is None else -(-size // shard[1]) if shard[1] > 1 else size
-    bar = tqdm(total=total, disable=not progress, desc="label", unit="pair", dynamic_ncols=True)
+    bar = tqdm(total=plan.total_pairs(), disable=not progress, desc="label", unit="pair", dynamic_ncols=True)
     counts = {"pairs": 0, "regions": 0, "rejects": 0}
 
     def on_batch(n, regions, rejects):
@@ -505,27 +552,17 @@ def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings |
         bar.update(n)
         bar.set_postfix(boxes=counts["regions"], rejects=counts["rejects"], refresh=False)
 
-    todo = (s for s in ds.shards(records_per_shard) if s.index % shard[1] == shard[0] and s.name not in done)
     t0 = time.perf_counter()
     reasons: dict[str, int] = {}
     n_done = 0
-    for s, items in _shard_stream(todo, settings, prefetch):
+    for s, items in _shard_stream(plan.todo(), settings, prefetch):
         result = label_items(model, items, settings, on_batch)
-        entry = write_shard(out, s.name, result)
-        run.add({"index": s.index, **entry, "input": s.source if s.source != ds.spec else f"{ds.spec}#{s.name}"})
+        plan.add(s, write_shard(plan.out, s.name, result))
         for r in result.rejects:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         n_done += 1
     bar.close()
-    seconds = time.perf_counter() - t0
-    summary = {**run.totals(), "this_run": {"shards": n_done, "shards_skipped": len(done), **counts,
-                                            "rejects_by_reason": dict(sorted(reasons.items())),
-                                            "seconds": round(seconds, 2),
-                                            "pairs_per_s": round((counts["pairs"] + counts["rejects"]) / seconds, 2)
-                                            if seconds > 0 else None},
-               "out": str(out), "manifest": run.path.name}
-    atomic_write_text(out / f"summary{_suffix(shard)}.json", json.dumps(summary, indent=1) + "\n")
-    return summary
+    return plan.finish(counts, reasons, n_done, time.perf_counter() - t0)
 
 
 def format_summary(s: dict) -> str:
@@ -543,6 +580,6 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARTICLES", "LabelRun", "LabelSettings", "Prepared", "ShardResult", "check_writable", "format_summary",
+__all__ = ["ARTICLES", "LabelRun", "LabelSettings", "RunPlan", "Prepared", "ShardResult", "check_writable", "format_summary",
            "known_vocabulary", "known_word_prompt", "label", "label_batch", "label_items", "label_shard",
-           "parse_shard", "prepare", "read_vocabulary", "resolve_score_words", "scoring_prompt", "write_shard"]
+           "parse_shard", "plan_run", "prepare", "read_vocabulary", "resolve_score_words", "scoring_prompt", "write_shard"]
