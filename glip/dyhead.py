@@ -21,9 +21,9 @@ try:  # optional fast path; torchvision cannot be installed beside the CPU torch
 except Exception:  # pragma: no cover - depends on the environment
     _tv_deform_conv2d = None
 
-# Gathered columns per GEMM chunk (rows × taps): ~9 MB of fp32 columns at 256 channels, which
-# stays in cache between the gather and the GEMM (whole-map columns are 155 MB at 800×1333).
-CHUNK_ROWS = 9216
+# Gathered rows (positions × taps) per GEMM chunk: 4 MB of fp32 columns at 256 channels, which
+# stay in cache between the gather and the GEMM (whole-map columns are 155 MB at 800×1333).
+CHUNK_ROWS = 4096
 
 
 def sample_table(x: torch.Tensor) -> torch.Tensor:
@@ -193,20 +193,26 @@ class DyConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        infer = not torch.is_grad_enabled()
         out = []
         for l, x in enumerate(feats):
             om = self.offset(x)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
-            branches = [self.DyConv[1](x, offset, mask)]
+            branches = [lambda: self.DyConv[1](x, offset, mask)]
             if l > 0:
-                branches.append(self.DyConv[2](feats[l - 1], offset, mask))
+                branches.append(lambda: self.DyConv[2](feats[l - 1], offset, mask))
             if l < len(feats) - 1:
-                up = self.DyConv[0](feats[l + 1], offset, mask)
-                branches.append(F.interpolate(up, size=x.shape[-2:], mode="bilinear", align_corners=True))
-            # mean over branches of branch × its scale attention, accumulated (no stacked copy)
+                branches.append(lambda: F.interpolate(self.DyConv[0](feats[l + 1], offset, mask), size=x.shape[-2:],
+                                                      mode="bilinear", align_corners=True))
+            # mean over branches of branch × its scale attention, accumulated one branch at a time
             fea = None
-            for b in branches:
-                term = b * h_sigmoid(self.AttnConv(b))
-                fea = term if fea is None else (fea.add_(term) if not torch.is_grad_enabled() else fea + term)
-            out.append(self.relu(fea / len(branches)))
+            for branch in branches:
+                b = branch()
+                a = h_sigmoid(self.AttnConv(b))
+                term = b.mul_(a) if infer else b * a
+                fea = term if fea is None else (fea.add_(term) if infer else fea + term)
+                del b, term
+            fea = fea.div_(len(branches)) if infer else fea / len(branches)
+            out.append(self.relu(fea))
+            del fea
         return out

@@ -176,7 +176,10 @@ class VLFuse(nn.Module):
         ba = self.b_attn
         v, l = ba.layer_norm_v(v), ba.layer_norm_l(hidden)
         dv, dl, attn = ba.attn(v, l, masks, keep_attention)
-        if self.enabled:
+        if self.enabled and not torch.is_grad_enabled():  # inference: the residual into the fresh LN output
+            v = v.add_(dv.mul_(ba.gamma_v))
+            l = l + ba.gamma_l * dl
+        elif self.enabled:
             v = v + ba.gamma_v * dv
             l = l + ba.gamma_l * dl
         out, start = [], 0

@@ -300,6 +300,27 @@ def test_offset_reinterpretation_is_a_memory_view_not_a_crop():
     assert reinterpret(t, 4, 5) is t
 
 
+# --- inference memory savings change no value ------------------------------------------------------------
+def test_inference_slices_and_in_place_sums_match_the_autograd_forward(monkeypatch):
+    """Inference runs Swin's MLP / window attention in slices of tokens, the residuals and the DyConv
+    branch sums in place; with autograd on, everything runs in one piece out of place. Same values."""
+    import glip.backbone as backbone
+
+    monkeypatch.setattr(backbone, "CHUNK_BYTES", 4096)  # many slices, including a partial last one
+    torch.manual_seed(0)
+    cfg = get_preset("toy").replace(early_fusion=True)
+    model = GLIP(cfg).eval()
+    x = torch.randn(1, 3, 96, 128)
+    enc = tokenize(from_categories(["red circle", "person"]).caption, max_len=cfg.max_query_len)
+    with torch.no_grad():
+        a = model(x, enc["input_ids"], enc["attention_mask"])
+    b = model(x, enc["input_ids"], enc["attention_mask"])
+    for fa, fb in zip(a.features + a.head.visual, b.features + b.head.visual):
+        torch.testing.assert_close(fa, fb.detach(), atol=2e-5, rtol=1e-5)
+    for la, lb in zip(a.head.token_logits, b.head.token_logits):
+        torch.testing.assert_close(la, lb.detach(), atol=2e-4, rtol=1e-4)
+
+
 # --- model behaviour --------------------------------------------------------------------------------------
 def test_attention_capture_is_opt_in_and_consistent(tiny_model):
     enc = tokenize(from_categories(["red circle", "person"]).caption)
