@@ -29,13 +29,36 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+# Inference runs the token-wise wide intermediates (the 4×-wide MLP hidden layer, window attention)
+# over slices of tokens whose widest intermediate is about this many bytes (at 800×1333 stage 1 has
+# 67,200 tokens: a 103 MB hidden layer in one piece; slices stay in cache and are reused by malloc).
+CHUNK_BYTES = 4 << 20
+
+
+def chunked(fn, n: int, step: int) -> torch.Tensor:
+    """fn(s, e) for rows [s, e) of [0, n) in slices of `step`, written into one output along dim 0.
+    Inference only (with autograd one slice): bounds the peak memory of fn's intermediates."""
+    if torch.is_grad_enabled() or n <= step:
+        return fn(0, n)
+    out = None
+    for s in range(0, n, step):
+        y = fn(s, min(n, s + step))
+        if out is None:
+            out = y.new_empty((n,) + y.shape[1:])
+        out[s:s + len(y)] = y
+    return out
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        rows = x.reshape(-1, x.shape[-1])
+        step = max(1, CHUNK_BYTES // (4 * self.fc1.out_features))
+        out = chunked(lambda s, e: self.fc2(self.act(self.fc1(rows[s:e]))), len(rows), step)
+        return out.view(*x.shape[:-1], -1)
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -67,15 +90,20 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        Bw, N, _ = x.shape
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
+        step = max(1, CHUNK_BYTES // (4 * N * self.qkv.out_features))  # windows per slice
+        return chunked(lambda s, e: self._attend(x[s:e], bias, mask, s), Bw, step)
+
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, first: int) -> torch.Tensor:
+        """Windows first … first + len(x) of the batch (window i has shift mask i mod nW)."""
         Bw, N, C = x.shape
         qkv = self.qkv(x).reshape(Bw, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
         if mask is not None:  # (nW, N, N) -> add per window
-            nW = mask.shape[0]
-            attn_bias = (bias[None] + mask[:, None]).to(q.dtype)  # (nW, heads, N, N)
-            attn_bias = attn_bias.repeat(Bw // nW, 1, 1, 1)
+            idx = torch.arange(first, first + Bw, device=x.device) % mask.shape[0]
+            attn_bias = (bias[None] + mask[idx][:, None]).to(q.dtype)  # (Bw, heads, N, N)
         else:
             attn_bias = bias[None].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
@@ -98,7 +126,8 @@ class SwinBlock(nn.Module):
         shortcut = x
         x = self.norm1(x).view(B, H, W, C)
         pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # padded tokens take part in attention, unmasked (official)
+        if pad_r or pad_b:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # padded tokens take part in attention, unmasked (official)
         Hp, Wp = H + pad_b, W + pad_r
         if self.shift:
             x = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2))
@@ -106,6 +135,9 @@ class SwinBlock(nn.Module):
         if self.shift:
             x = torch.roll(x, (self.shift, self.shift), dims=(1, 2))
         x = x[:, :H, :W].reshape(B, H * W, C)
+        if not torch.is_grad_enabled():  # inference: the residual stream is updated in place (one buffer per stage)
+            x = shortcut.add_(x)
+            return x.add_(self.mlp(self.norm2(x)))
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -166,7 +198,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         H, W = x.shape[-2:]
-        x = F.pad(x, (0, (4 - W % 4) % 4, 0, (4 - H % 4) % 4))
+        if H % 4 or W % 4:
+            x = F.pad(x, (0, (4 - W % 4) % 4, 0, (4 - H % 4) % 4))
         x = self.proj(x)
         return x  # (B, C, Wh, Ww); the norm is applied after flattening
 
@@ -242,5 +275,7 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor, return_stages: bool = False):
         c = self.body(images)
-        p = self.fpn(c[1:])
-        return (p, c) if return_stages else p
+        if return_stages:
+            return self.fpn(c[1:]), c
+        c.pop(0)  # C2 is no FPN input: freed before the FPN runs
+        return self.fpn(c)

@@ -1,10 +1,12 @@
 """DyHead's visual block (`DyConv`): scale-aware attention over three modulated deformable convs
 (the level itself, the finer level at stride 2, the coarser level upsampled), then DyReLU.
 
-The modulated deformable convolution (DCNv2) is written in PyTorch: bilinear sampling with
-`grid_sample` (align_corners=False with the exact pixel→grid mapping, so 1-pixel feature maps
-work too — align_corners=True divides by W-1), modulation by the mask, then one GEMM. When
-torchvision's `deform_conv2d` imports it is used instead (same offset/mask layout).
+The modulated deformable convolution (DCNv2) is written in PyTorch as a bilinear im2col by gather
+and one GEMM: every (output position, tap) reads 4 corner rows of the channels-last feature map,
+weighted by bilinear × modulation weights (one fused `embedding_bag`; a corner outside the map
+reads an all-zero row, the DCNv2 kernel's rule, which also makes 1-pixel maps exact), in chunks
+of positions whose columns stay in cache. When torchvision's `deform_conv2d` imports it is used
+instead (same offset/mask layout).
 """
 from __future__ import annotations
 
@@ -19,13 +21,56 @@ try:  # optional fast path; torchvision cannot be installed beside the CPU torch
 except Exception:  # pragma: no cover - depends on the environment
     _tv_deform_conv2d = None
 
+# Gathered rows (positions × taps) per GEMM chunk: 4 MB of fp32 columns at 256 channels, which
+# stay in cache between the gather and the GEMM (whole-map columns are 155 MB at 800×1333).
+CHUNK_ROWS = 4096
+
+
+def sample_table(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, (H+3)·(W+3), C): the map's pixels as channels-last rows inside a zero
+    border (1 before, 2 after, in both directions), so that every corner of a sample point clamped
+    to [-1, H] × [-1, W] is a row of the table, and the rows outside the map are zeros."""
+    B, C, H, W = x.shape
+    t = x.new_zeros(B, H + 3, W + 3, C)
+    t[:, 1:H + 1, 1:W + 1] = x.permute(0, 2, 3, 1)
+    return t.view(B, (H + 3) * (W + 3), C)
+
+
+def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: int, kw: int,
+                  stride: int = 1, padding: int = 1, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `sample_table` and weights of the 4 corners of every (position, tap), in
+    (B, Ho·Wo·K, 4) position-major order; weights are bilinear × modulation.
+
+    The DCNv2 kernel reads 0 for a corner outside the map, and nothing for a point outside
+    (-1, H) × (-1, W). Clamping the point to [-1, H] × [-1, W] keeps that: a point beyond the map
+    then has its corners on the zero border, or weight 0 on the one corner inside."""
+    B, _, Ho, Wo = offset.shape
+    K = kh * kw
+    dev = offset.device
+    dt = torch.float32 if offset.dtype in (torch.float16, torch.bfloat16) else offset.dtype  # positions need fp32
+    ki = (torch.arange(kh, device=dev, dtype=dt) * dilation).repeat_interleave(kw)  # tap rows
+    kj = (torch.arange(kw, device=dev, dtype=dt) * dilation).repeat(kh)             # tap cols
+    off = offset.to(dt).reshape(B, K, 2, Ho, Wo).permute(0, 3, 4, 2, 1).contiguous()  # (B, Ho, Wo, (dy, dx), K)
+    m = mask.to(dt).reshape(B, K, Ho, Wo).permute(0, 2, 3, 1).contiguous()         # (B, Ho, Wo, K)
+    py = off[..., 0, :] + ((torch.arange(Ho, device=dev, dtype=dt) * stride - padding)[:, None, None] + ki)
+    px = off[..., 1, :] + ((torch.arange(Wo, device=dev, dtype=dt) * stride - padding)[:, None] + kj)
+    py, px = py.clamp(-1, H), px.clamp(-1, W)                                        # (B, Ho, Wo, K)
+    y0, x0 = py.floor(), px.floor()
+    ly, lx = py - y0, px - x0
+    wy, wx = torch.stack((1 - ly, ly), -1), torch.stack((1 - lx, lx), -1)
+    wts = wy[..., :, None] * wx[..., None, :] * m[..., None, None]
+    Wp = W + 3
+    top_left = ((y0.long() + 1) * Wp + (x0.long() + 1))[..., None]
+    rows = top_left + torch.tensor([0, 1, Wp, Wp + 1], device=dev)
+    return rows.view(B, Ho * Wo * K, 4), wts.view(B, Ho * Wo * K, 4)
+
 
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, stride: int = 1, padding: int = 1, dilation: int = 1,
                   use_torchvision: bool | None = None) -> torch.Tensor:
     """Modulated deformable conv. offset (B, 2K, Ho, Wo) with (dy, dx) per tap k = i*kw + j,
     mask (B, K, Ho, Wo). Sample (h*s - p + i*d + dy, w*s - p + j*d + dx); corners outside the
-    map read 0 (the DCNv2 im2col kernel's rule)."""
+    map read 0 (the DCNv2 im2col kernel's rule). Returns (B, O, Ho, Wo) in channels-last memory."""
     if use_torchvision is None:
         use_torchvision = _tv_deform_conv2d is not None
     if use_torchvision:
@@ -37,22 +82,28 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
     O, _, kh, kw = weight.shape
     K = kh * kw
     Ho, Wo = offset.shape[-2:]
-    dev, dt = x.device, x.dtype
-    ki = (torch.arange(kh, device=dev, dtype=dt) * dilation).repeat_interleave(kw)  # tap rows
-    kj = (torch.arange(kw, device=dev, dtype=dt) * dilation).repeat(kh)             # tap cols
-    base_y = (torch.arange(Ho, device=dev, dtype=dt) * stride - padding)[None, :, None] + ki[:, None, None]
-    base_x = (torch.arange(Wo, device=dev, dtype=dt) * stride - padding)[None, None, :] + kj[:, None, None]
-    off = offset.view(B, K, 2, Ho, Wo)
-    py = base_y + off[:, :, 0]  # (B, K, Ho, Wo)
-    px = base_x + off[:, :, 1]
-    grid = torch.stack(((2 * px + 1) / W - 1, (2 * py + 1) / H - 1), dim=-1).view(B, K * Ho, Wo, 2)
-    cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    cols, m = cols.view(B, C, K, Ho * Wo), mask.reshape(B, 1, K, Ho * Wo)
-    cols = cols * m if torch.is_grad_enabled() else cols.mul_(m)  # in place at inference: one less (C·K·HW) tensor
-    out = weight.reshape(O, C * K) @ cols.view(B, C * K, Ho * Wo)
-    if bias is not None:
-        out = out + bias.view(1, O, 1)
-    return out.view(B, O, Ho, Wo)
+    rows, wts = bilinear_taps(offset, mask, H, W, kh, kw, stride, padding, dilation)
+    table = sample_table(x)
+    wts = wts.to(table.dtype)
+    w = weight.permute(0, 2, 3, 1).reshape(O, K * C)  # columns in (tap, channel) order, as gathered
+    P, step = Ho * Wo, max(1, CHUNK_ROWS // K)
+    keep = torch.is_grad_enabled()  # autograd: keep the chunks and concatenate; inference: write in place
+    out, pieces = None, []
+    for b in range(B):
+        for s in range(0, P, step):
+            e = min(P, s + step)
+            cols = F.embedding_bag(rows[b, s * K:e * K], table[b], per_sample_weights=wts[b, s * K:e * K], mode="sum")
+            cols = cols.view(e - s, K * C)
+            y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+            if keep:
+                pieces.append(y)
+                continue
+            if out is None:
+                out = y.new_empty(B, P, O)
+            out[b, s:e] = y
+    if keep:
+        out = torch.cat(pieces).view(B, P, O)
+    return out.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
 class ModulatedDeformConv(nn.Module):
@@ -118,7 +169,9 @@ class DyReLU(nn.Module):
         a1, b1, a2, b2 = torch.split(y, C, dim=1)
         a1 = (a1 - 0.5) * 2.0 + 1.0
         a2 = (a2 - 0.5) * 2.0
-        return torch.maximum(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5)
+        y = torch.addcmul(b1 - 0.5, x, a1)  # x·a + (b - 0.5), as official, one pass each
+        z = torch.addcmul(b2 - 0.5, x, a2)
+        return torch.maximum(y, z, out=y) if not torch.is_grad_enabled() else torch.maximum(y, z)
 
 
 class DyConv(nn.Module):
@@ -140,17 +193,26 @@ class DyConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        infer = not torch.is_grad_enabled()
         out = []
         for l, x in enumerate(feats):
             om = self.offset(x)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
-            branches = [self.DyConv[1](x, offset, mask)]
+            branches = [lambda: self.DyConv[1](x, offset, mask)]
             if l > 0:
-                branches.append(self.DyConv[2](feats[l - 1], offset, mask))
+                branches.append(lambda: self.DyConv[2](feats[l - 1], offset, mask))
             if l < len(feats) - 1:
-                up = self.DyConv[0](feats[l + 1], offset, mask)
-                branches.append(F.interpolate(up, size=x.shape[-2:], mode="bilinear", align_corners=True))
-            fea = torch.stack(branches)
-            attn = h_sigmoid(torch.stack([self.AttnConv(b) for b in branches]))
-            out.append(self.relu((fea * attn).mean(dim=0)))
+                branches.append(lambda: F.interpolate(self.DyConv[0](feats[l + 1], offset, mask), size=x.shape[-2:],
+                                                      mode="bilinear", align_corners=True))
+            # mean over branches of branch × its scale attention, accumulated one branch at a time
+            fea = None
+            for branch in branches:
+                b = branch()
+                a = h_sigmoid(self.AttnConv(b))
+                term = b.mul_(a) if infer else b * a
+                fea = term if fea is None else (fea.add_(term) if infer else fea + term)
+                del b, term
+            fea = fea.div_(len(branches)) if infer else fea / len(branches)
+            out.append(self.relu(fea))
+            del fea
         return out

@@ -5,6 +5,9 @@ All five pyramid levels are flattened into ONE image sequence. Image queries att
 prompt tokens (padding masked); text queries attend over every image position (padding
 included, no mask). The residual is added to the LayerNormed inputs, scaled by γ (layer scale).
 `FusionAttention` holds the two probability maps when the caller asks for them.
+
+With a short prompt the products are re-associated so that only the few text vectors go through
+the 2048-wide projections (see `BiMultiHeadAttention`): the same values, a fraction of the work.
 """
 from __future__ import annotations
 
@@ -30,6 +33,23 @@ class FusionAttention:
 
 
 class BiMultiHeadAttention(nn.Module):
+    """Official `BiMultiHeadAttention`. Two exact evaluation orders of the same products:
+
+    direct: project every image position to the 2048-wide q / value spaces, as official.
+    re-associated: with few text tokens T, fold the T text vectors through the visual weights instead
+      (per head h, Wq_h / Wv_h: (hd, C) rows of the projections, Wo_h: (C, hd) columns of out_v_proj):
+        logits       s·(v Wq_hᵀ + bq_h) k_hᵀ      = v (s·k_h Wq_h)ᵀ + s·k_h bq_h
+        image→text   Σ_h (p_v,h vl_h) Wo_hᵀ + bo  = Σ_h p_v,h (vl_h Wo_hᵀ) + bo
+        text→image   p_l,hᵀ (v Wv_hᵀ + bv_h)      = (p_l,hᵀ v) Wv_hᵀ + (Σ_n p_l,h) bv_h
+      so no (N_img × 2048) tensor exists; the logits A (N_img × heads·T), their clamp, the padding fill
+      and both softmaxes are the same values in the same places.
+    `path` = "auto" takes the cheaper order by multiply-add count, except in training with dropout: the
+    dropout masks are drawn over the (B, heads, N, T) layout of the direct order, which keeps training
+    runs' random streams as they were.
+    """
+
+    path = "auto"  # "auto" | "direct" | "reassociated" (per instance or for the class)
+
     def __init__(self, v_dim: int, l_dim: int, embed_dim: int = 2048, num_heads: int = 8, dropout: float = 0.1):
         super().__init__()
         self.num_heads, self.head_dim, self.dropout = num_heads, embed_dim // num_heads, dropout
@@ -45,6 +65,20 @@ class BiMultiHeadAttention(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def macs(self, n_img: int, n_tok: int, reassociated: bool) -> int:
+        """Multiply-adds of the image-side products per image (the text projections are common to both)."""
+        C, E, H = self.v_proj.in_features, self.v_proj.out_features, self.num_heads
+        if reassociated:  # fold the text through 3 visual weights, then 3 products over (N, heads·T, C)
+            return 3 * n_tok * E * C + 3 * n_img * H * n_tok * C
+        return 3 * n_img * C * E + 3 * n_img * n_tok * E  # 3 projections over N, then 3 products over (N, T, E)
+
+    def reassociates(self, n_img: int, n_tok: int) -> bool:
+        if self.path != "auto":
+            return self.path == "reassociated"
+        if self.training and self.dropout > 0:
+            return False
+        return self.macs(n_img, n_tok, True) < self.macs(n_img, n_tok, False)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, E) -> (B, H, N, hd)
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
@@ -54,6 +88,11 @@ class BiMultiHeadAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, N, H * hd)
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, mask_l: torch.Tensor, keep_attention: bool = False):
+        if self.reassociates(v.shape[1], l.shape[1]):
+            return self._forward_reassociated(v, l, mask_l, keep_attention)
+        return self._forward_direct(v, l, mask_l, keep_attention)
+
+    def _forward_direct(self, v, l, mask_l, keep_attention):
         q = self._heads(self.v_proj(v) * self.scale)
         k = self._heads(self.l_proj(l))
         vv = self._heads(self.values_v_proj(v))
@@ -68,8 +107,7 @@ class BiMultiHeadAttention(nn.Module):
         # image → text: mask padded tokens (-9e15, as official; fp16's floor -65504 in half precision,
         # below the ±CLAMP logits, so the same zeros after softmax) and softmax over tokens.
         pad = (mask_l == 0)[:, None, None, :]
-        fill = max(-9e15, torch.finfo(A.dtype).min)
-        p_v = (A.masked_fill_(pad, fill) if inplace else A.masked_fill(pad, fill)).softmax(dim=-1)
+        p_v = (A.masked_fill_(pad, _fill(A)) if inplace else A.masked_fill(pad, _fill(A))).softmax(dim=-1)
         attn = None
         if keep_attention:
             attn = (p_v, p_l.transpose(-1, -2))
@@ -78,6 +116,43 @@ class BiMultiHeadAttention(nn.Module):
         dv = self.out_v_proj(self._merge(p_v @ vl))
         dl = self.out_l_proj(self._merge(p_l.transpose(-1, -2) @ vv))
         return dv, dl, attn
+
+    def _forward_reassociated(self, v, l, mask_l, keep_attention):
+        B, N, C = v.shape
+        T, H, hd = l.shape[1], self.num_heads, self.head_dim
+        k = self.l_proj(l).view(B, T, H, hd)
+        vl = self.values_l_proj(l).view(B, T, H, hd)
+        Wq, bq = self.v_proj.weight.view(H, hd, C), self.v_proj.bias.view(H, hd)
+        kq = torch.einsum("bthd,hdc->bhtc", k, Wq).reshape(B, H * T, C) * self.scale  # text keys in v-space
+        bias = torch.einsum("bthd,hd->bht", k, bq).reshape(B, 1, H * T) * self.scale
+        # Logits laid out (B, N_img, heads, T): both softmaxes and all three products are then plain GEMMs.
+        A = torch.baddbmm(bias, v, kq.transpose(1, 2)).view(B, N, H, T)
+        inplace = not torch.is_grad_enabled()
+        A = A.clamp_(-CLAMP, CLAMP) if inplace else A.clamp(-CLAMP, CLAMP)
+        p_l = A.softmax(dim=1)  # text → image, over image positions (as in the direct order)
+        pad = (mask_l == 0)[:, None, None, :]
+        if inplace:  # A is not needed after this: fill and normalise it in place
+            p_v = torch.softmax(A.masked_fill_(pad, _fill(A)), dim=-1, out=A)
+        else:
+            p_v = A.masked_fill(pad, _fill(A)).softmax(dim=-1)
+        attn = (p_v.permute(0, 2, 1, 3), p_l.permute(0, 2, 3, 1)) if keep_attention else None
+        if self.training and self.dropout > 0:  # only when forced (path="reassociated"): masks over this layout
+            p_v = F.dropout(p_v, self.dropout, True)
+            p_l = F.dropout(p_l, self.dropout, True)
+        # image → text: the text values go through out_v_proj first (T × C per head), summed over heads by the GEMM.
+        Wo = self.out_v_proj.weight.view(C, H, hd)
+        vo = torch.einsum("bthd,chd->bhtc", vl, Wo).reshape(B, H * T, C)
+        dv = torch.baddbmm(self.out_v_proj.bias.to(vo.dtype), p_v.reshape(B, N, H * T), vo)
+        # text → image: pool the image first (heads·T × C), then through values_v_proj per head.
+        pooled = (p_l.reshape(B, N, H * T).transpose(1, 2) @ v).view(B, H, T, C)
+        Wv, bv = self.values_v_proj.weight.view(H, hd, C), self.values_v_proj.bias.view(H, hd)
+        ol = torch.einsum("bhtc,hdc->bthd", pooled, Wv) + p_l.sum(dim=1).transpose(1, 2)[..., None] * bv
+        dl = self.out_l_proj(ol.reshape(B, T, H * hd))
+        return dv, dl, attn
+
+
+def _fill(A: torch.Tensor) -> float:
+    return max(-9e15, torch.finfo(A.dtype).min)
 
 
 class VLFuse(nn.Module):
@@ -101,7 +176,10 @@ class VLFuse(nn.Module):
         ba = self.b_attn
         v, l = ba.layer_norm_v(v), ba.layer_norm_l(hidden)
         dv, dl, attn = ba.attn(v, l, masks, keep_attention)
-        if self.enabled:
+        if self.enabled and not torch.is_grad_enabled():  # inference: the residual into the fresh LN output
+            v = v.add_(dv.mul_(ba.gamma_v))
+            l = l + ba.gamma_l * dl
+        elif self.enabled:
             v = v + ba.gamma_v * dv
             l = l + ba.gamma_l * dl
         out, start = [], 0

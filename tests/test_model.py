@@ -230,6 +230,53 @@ def test_dcn_matches_naive_kernel(H, W, stride, spread, seed):
     assert torch.allclose(ours, ref, atol=1e-9), (ours - ref).abs().max()
 
 
+def test_dcn_chunked_columns_match_naive_kernel(monkeypatch):
+    """Several GEMM chunks per image (2 positions each), batch 2, stride 1 and 2, a 1-pixel map."""
+    import glip.dyhead as dyhead
+
+    monkeypatch.setattr(dyhead, "CHUNK_ROWS", 18)
+    g = torch.Generator().manual_seed(3)
+    for H, W, stride in ((4, 5, 1), (5, 3, 2), (1, 1, 1)):
+        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+        offset = torch.randn(2, 18, Ho, Wo, generator=g, dtype=torch.float64) * 2
+        mask = torch.rand(2, 9, Ho, Wo, generator=g, dtype=torch.float64)
+        weight, bias = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+        ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
+        with torch.no_grad():  # inference writes the chunks in place; autograd concatenates them
+            inf = deform_conv2d(x, offset, mask, weight, bias, stride, 1, use_torchvision=False)
+        grad = deform_conv2d(x, offset, mask, weight, None, stride, 1, use_torchvision=False) + bias.view(1, -1, 1, 1)
+        assert torch.allclose(inf, ref, atol=1e-9) and torch.allclose(grad.detach(), ref, atol=1e-9)
+
+
+def test_dcn_gradients_match_finite_differences():
+    """Training backpropagates through the gather: to the map, the offsets, the modulation and the weights."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    offset = (torch.randn(1, 18, 4, 5, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    mask = torch.rand(1, 9, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda *a: deform_conv2d(*a, 1, 1, use_torchvision=False)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, offset, mask, weight, bias))
+
+
+def test_dcn_half_precision_offsets_sample_in_float32():
+    """Under autocast the offsets may arrive in bf16; sample positions are formed in fp32 (bf16 cannot
+    hold 100.25), so the result matches the fp32 computation up to bf16 rounding of the values."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 120, 130, generator=g)
+    offset, mask = torch.rand(1, 18, 120, 130, generator=g) * 0.5, torch.rand(1, 9, 120, 130, generator=g)
+    weight, bias = torch.randn(3, 4, 3, 3, generator=g) * 0.1, torch.zeros(3)
+    with torch.no_grad():
+        ref = deform_conv2d(x, offset, mask, weight, bias, 1, 1, use_torchvision=False)
+        low = deform_conv2d(x, offset.bfloat16().float(), mask, weight, bias, 1, 1, use_torchvision=False)
+        half = deform_conv2d(x, offset.bfloat16(), mask, weight, bias, 1, 1, use_torchvision=False)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, low, atol=1e-5, rtol=1e-5)  # only the bf16 rounding of the offsets themselves
+    assert (half - ref).abs().max() < 0.1
+
+
 def test_dcn_torchvision_path_agrees():
     tv = pytest.importorskip("torchvision.ops")
     del tv
@@ -251,6 +298,27 @@ def test_offset_reinterpretation_is_a_memory_view_not_a_crop():
     assert torch.equal(r[1].flatten(), t[1].flatten()[: 3 * 2 * 3])
     assert not torch.equal(r, t[:, :, :2, :3])  # a crop would differ
     assert reinterpret(t, 4, 5) is t
+
+
+# --- inference memory savings change no value ------------------------------------------------------------
+def test_inference_slices_and_in_place_sums_match_the_autograd_forward(monkeypatch):
+    """Inference runs Swin's MLP / window attention in slices of tokens, the residuals and the DyConv
+    branch sums in place; with autograd on, everything runs in one piece out of place. Same values."""
+    import glip.backbone as backbone
+
+    monkeypatch.setattr(backbone, "CHUNK_BYTES", 4096)  # many slices, including a partial last one
+    torch.manual_seed(0)
+    cfg = get_preset("toy").replace(early_fusion=True)
+    model = GLIP(cfg).eval()
+    x = torch.randn(1, 3, 96, 128)
+    enc = tokenize(from_categories(["red circle", "person"]).caption, max_len=cfg.max_query_len)
+    with torch.no_grad():
+        a = model(x, enc["input_ids"], enc["attention_mask"])
+    b = model(x, enc["input_ids"], enc["attention_mask"])
+    for fa, fb in zip(a.features + a.head.visual, b.features + b.head.visual):
+        torch.testing.assert_close(fa, fb.detach(), atol=2e-5, rtol=1e-5)
+    for la, lb in zip(a.head.token_logits, b.head.token_logits):
+        torch.testing.assert_close(la, lb.detach(), atol=2e-4, rtol=1e-4)
 
 
 # --- model behaviour --------------------------------------------------------------------------------------
