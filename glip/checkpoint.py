@@ -217,6 +217,10 @@ def load_model(src, config=None, device=None, dtype=None):
     shipped = shipped_models()
     if isinstance(src, str) and src.lower() in PRESETS and not Path(src).exists():
         model = GLIP(user or get_preset(src))                         # random weights (benchmarks, tests)
+    elif (Path(src_s) / "prompt.safetensors").is_file():                # a tuned prompt on top of its base model
+        from .prompt_tuning import load_prompted
+
+        return load_prompted(src_s, config=config, device=device, dtype=dtype)
     elif src_s in shipped:
         sd, cfg = read_ours(shipped[src_s])
         model = _build(cfg, user, sd, f"shipped model {src_s!r}")

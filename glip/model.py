@@ -39,6 +39,7 @@ class GLIP(nn.Module):
         self.rpn = nn.Module()  # official name of the grounding head's container
         self.rpn.head = VLDyHead(config)
         self.box_coder = BoxCoder()
+        self.tunable_linear = None  # prompt tuning: a `glip.prompt_tuning.PromptEmbedding`, added to the text features
         self._predictor = None
 
     # --- the three stages -------------------------------------------------------------------
@@ -47,7 +48,11 @@ class GLIP(nn.Module):
         return self.backbone(images)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        return self.language_backbone(input_ids, attention_mask)
+        return self.add_prompt(self.language_backbone(input_ids, attention_mask))
+
+    def add_prompt(self, text: TextFeatures) -> TextFeatures:
+        """The tuned prompt embedding added to both text features (official `language_prompt_v2`), when attached."""
+        return text if self.tunable_linear is None else self.tunable_linear(text)
 
     def ground(self, features: list[torch.Tensor], text: TextFeatures, output_attentions: bool = False) -> HeadOutput:
         return self.rpn.head(features, text, output_attentions=output_attentions)
