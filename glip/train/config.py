@@ -133,9 +133,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def get_config(name: str, **overrides) -> TrainConfig:
+def get_config(config: str, /, **overrides) -> TrainConfig:
     """A named config (or a JSON/YAML file) with `overrides` (None values ignored) applied and checked."""
-    base = _named_or_file(name)
+    base = _named_or_file(config)
     return apply_overrides(base, {k: v for k, v in overrides.items() if v is not None})
 
 

@@ -348,8 +348,15 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
     if di.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        step_fn = DDP(step_fn, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
-                      find_unused_parameters=True)
+        import inspect
+
+        # the buffers are constants (index tables): synced once at construction, never per forward
+        quiet_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                         else {"broadcast_buffers": False})
+        # find_unused_parameters: which parameters a forward uses depends on the architecture (a toy model's last
+        # fusion-BERT layer feeds nothing when S_ground reads the unfused text)
+        step_fn = DDP(step_fn, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True,
+                      **quiet_buffers)
 
     data = make_stream(tc, model.config, di.rank, di.world, (sources, weights))
     loader = DataLoader(data, batch_size=None, sampler=range(step, tc.steps), num_workers=tc.num_workers,
