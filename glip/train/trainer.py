@@ -346,9 +346,9 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
     normalizer = D.mean_over_ranks if di.enabled else None
     step_fn = _LossModule(model, frozen_text, tc.contrastive_weight, tc.precision, normalizer)
     if di.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
         # the buffers are constants (index tables): synced once at construction, never per forward
         quiet_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
