@@ -304,10 +304,9 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
     if resume and ckpt.is_file():
         state = load_state(ckpt)
         check_same_run(state, tc.to_dict(), ckpt)
+    sources, weights = open_sources(tc.data)
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
-
-    sources, weights = open_sources(tc.data)
     opts = ItemOptions.from_config(tc)
     prompts = (lambda cfg: training_prompts(sources, weights, 512, cfg.max_query_len, tc.seed, opts))
     model = build_model(tc, prompts=prompts if state is None else None).to(dev)
