@@ -1,4 +1,4 @@
-"""Command line: `python -m glip {predict,convert,parity,bench,...} --help`."""
+"""Command line: `python -m glip {predict,convert,parity,bench,label,eval,train} --help`."""
 from __future__ import annotations
 
 import argparse
@@ -110,8 +110,11 @@ def main(argv=None) -> int:
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     s.set_defaults(fn=cmd_bench)
 
+    from .cli_data import add_commands as add_data_commands  # label, eval
+
+    add_data_commands(sub)
     try:
-        from .train.cli import add_commands  # training, pseudo-labelling, evaluation (issue 3)
+        from .train.cli import add_commands  # train
         add_commands(sub)
     except ImportError:
         pass

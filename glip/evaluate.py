@@ -1,15 +1,25 @@
-"""Evaluation on the synthetic world's held-out splits (issue 3).
+"""Evaluation on any detection or grounding dataset — COCO files, MDETR/ODVG grounding files, the
+synthetic world — through one code path (`python -m glip eval --data SPEC`).
 
-* Detection (test_det): the prompt lists all 36 gold categories (eval layout, 121 tokens); every box
-  scored by the model for a category phrase is a detection of that category; COCO AP and AP50 with
-  pycocotools (`coco_metrics`).
-* Grounding (test_ground, test_novel): each phrase of the caption with a box is grounded with the
-  caption's explicit spans; Recall@k = a box among the phrase's k best has IoU >= 0.5 with one of its
-  ground-truth boxes (Flickr30k-entities style). test_novel asks for a novel-word object among
-  distractors sharing its known word, so only a model that learned the novel word can pick it.
+Detection (`evaluate_detection`, COCO bbox AP/AP50/AP75/APs/APm/APl with pycocotools): the prompt is
+the dataset's categories, sorted by id, names cleaned and joined with ". " without a trailing
+separator (the official evaluation layout, `from_categories(style="eval")`). When the names do not fit
+the text encoder's query (256 tokens for GLIP-T), they are split into prompts that do — greedily by
+token count, or `chunk_size` categories each as the official chunked LVIS evaluation
+(TEST.CHUNKED_EVALUATION 40) — and each prompt's detections (candidates above the model's
+`inference_th`, official 0.05; at most `detections_per_img` each) are concatenated, as officially.
 
-Fresh scenes: `seed` picks the world seed (training uses seed 0; anything else is unseen).
-CLI: `python -m glip eval --model toy-student --split all --seed 1 --n 200 --json`.
+Grounding (`evaluate_grounding`, Recall@1/5/10): each caption is prompted with its grounded phrases'
+spans; for each phrase, the model's boxes for it ranked by score; Recall@k counts a phrase as found
+when one of its k best boxes has IoU >= 0.5 with one of the phrase's ground-truth boxes. This is the
+"any-box" protocol that MDETR's Flickr30k Entities evaluator implements and GLIP reports
+(its DATASETS.FLICKR_GT_TYPE "separate" → merge_boxes False); `protocol="merged"` scores against the
+union box of the phrase's boxes instead (MDETR's "merged-boxes" protocol). IoU without the +1
+convention, as that evaluator. Candidates are kept from score 0.01 (`EVAL_INFERENCE_TH`) so that a
+phrase whose anchors all score under 0.05 still gets ranked boxes for R@5/R@10.
+
+World shorthand: `data="test_det"` with `n` and `seed` means `world:test_det:SEED:N` (what the training
+loop's quick evaluation and `evaluate(model, "all")` use).
 """
 from __future__ import annotations
 
@@ -21,14 +31,17 @@ import numpy as np
 import torch
 
 from glip.boxes import box_iou
-from glip.data import ALL_CATEGORIES, make_sample
-from glip.prompts import Prompt
+from glip.datasets import Dataset, open_dataset, strict
+from glip.datasets.coco import coco_dict
+from glip.datasets.records import Category, Phrase, Record
+from glip.errors import ConfigError, DataError
+from glip.prompts import Prompt, chunk, from_categories
 
+WORLD_SPLITS = ("test_det", "test_ground", "test_novel", "gold_det", "gold_ground")
 GROUNDING_SPLITS = ("test_ground", "test_novel")
 SPLIT_CHOICES = ("test_det",) + GROUNDING_SPLITS + ("all",)
-# Candidate threshold while evaluating recall: a phrase whose best anchor stays under the default 0.05
-# would otherwise yield no box at all and R@5 would undercount.
 EVAL_INFERENCE_TH = 0.01
+PROTOCOLS = ("any-box", "merged")
 
 
 @contextlib.contextmanager
@@ -44,153 +57,257 @@ def _inference_th(model, value: float | None):
         model.config.inference_th = before
 
 
-def _batches(seq, n):
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
-
-
 def _bar(total, progress, desc):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not progress, desc=desc, dynamic_ncols=True)
+    return tqdm(total=total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def resolve(data, n: int = 200, seed: int = 1) -> Dataset:
+    """A Dataset for `data`: a spec, a Dataset, or a bare world split name (→ world:SPLIT:SEED:N)."""
+    if isinstance(data, str) and data in WORLD_SPLITS:
+        data = f"world:{data}:{seed}:{n}"
+    return open_dataset(data)
+
+
+def _full_size_boxes(result, image) -> np.ndarray:
+    """Boxes in the pixels of `image` (the predictor downscales sides over 4096 px)."""
+    boxes = np.asarray(result.boxes, dtype=np.float64).reshape(-1, 4)
+    sx, sy = image.size[0] / result.image_size[0], image.size[1] / result.image_size[1]
+    return boxes * np.array([sx, sy, sx, sy]) if (sx, sy) != (1.0, 1.0) else boxes
+
+
+def _batches(records, size):
+    batch = []
+    for r in records:
+        batch.append(r)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # --------------------------------------------------------------------------------------------------
 # detection
 # --------------------------------------------------------------------------------------------------
-def coco_metrics(samples, predictions: list[dict]) -> dict:
-    """COCO bbox AP / AP50 / AP75 with pycocotools.
+def category_prompts(categories: list[Category], chunk_size: int | None = None, max_len: int = 256
+                     ) -> list[tuple[Prompt, list[int]]]:
+    """(prompt, category id of each of its phrases) for the evaluation prompts of `categories` (sorted
+    by id): one prompt when the names fit `max_len` tokens, else chunks (see the module docstring)."""
+    cats = sorted(categories, key=lambda c: c.id)
+    if not cats:
+        raise DataError("the dataset has no categories to prompt with")
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"chunk size must be >= 1 category, got {chunk_size}")
+    groups = [cats[i:i + chunk_size] for i in range(0, len(cats), chunk_size)] if chunk_size else [cats]
+    out = []
+    for g in groups:
+        full = from_categories([c.name for c in g], style="eval")
+        for p, idx in chunk(full, max_len=max_len):
+            out.append((p, [g[i].id for i in idx]))
+    return out
 
-    predictions: one dict per sample with `boxes` (N, 4) xyxy in image pixels, `scores` (N,) and
-    `category_ids` (N,) (1-based ids of `glip.data.ALL_CATEGORIES`, as `glip.data.to_coco` numbers them).
-    """
+
+def coco_metrics(gt: dict, detections: list[dict]) -> dict:
+    """COCO bbox metrics with pycocotools: AP, AP50, AP75, APs, APm, APl, AR100 and each category's AP
+    (averaged over IoU 0.5:0.95, all areas, 100 detections; None for a category without ground truth).
+    `gt`: a COCO instances dict; `detections`: [{image_id, category_id, bbox (xywh), score}]."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from glip.data import to_coco
-
-    gt = to_coco(samples, by="category")
-    dets = []
-    for img_id, p in enumerate(predictions, 1):
-        for b, s, c in zip(np.asarray(p["boxes"], dtype=float).reshape(-1, 4), np.asarray(p["scores"]).ravel(),
-                           np.asarray(p["category_ids"]).ravel()):
-            dets.append({"image_id": img_id, "category_id": int(c), "score": float(s),
-                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
-    out = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "n_images": len(samples), "n_detections": len(dets)}
-    if not dets:
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    out = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0, "AR100": 0.0,
+           "n_images": len(gt["images"]), "n_detections": len(detections),
+           "per_category": {n: None for n in names.values()}}
+    if not detections:
         return out
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(dets)
+        coco_dt = coco_gt.loadRes(detections)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
-        present = sorted({a["category_id"] for a in gt["annotations"]})
-        ev.params.catIds = present  # categories absent from the split would count as -1 (ignored) anyway
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    out.update(AP=float(max(ev.stats[0], 0.0)), AP50=float(max(ev.stats[1], 0.0)), AP75=float(max(ev.stats[2], 0.0)))
+    for k, key in zip((0, 1, 2, 3, 4, 5, 8), ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")):
+        out[key] = float(max(ev.stats[k], 0.0))
+    precision = ev.eval["precision"]  # (iou, recall, category, area, max dets)
+    for k, cid in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        out["per_category"][names[cid]] = float(p[p > -1].mean()) if (p > -1).any() else None
     return out
 
 
-def sample_prompt(sample, only_grounded: bool = False) -> tuple[Prompt, list]:
-    """The sample's caption as a Prompt (its phrases with their spans) and the phrases used."""
-    phrases = [p for p in sample.phrases if p.box_ids or not only_grounded]
-    return Prompt(sample.caption, [p.text for p in phrases], [[tuple(p.span)] for p in phrases]), phrases
-
-
 @torch.no_grad()
-def evaluate_detection(model, n: int = 200, seed: int = 1, batch_size: int = 8, progress: bool = True,
-                       samples=None) -> dict:
-    samples = samples if samples is not None else [make_sample("test_det", i, seed) for i in range(n)]
-    cat_id = {name: i + 1 for i, name in enumerate(ALL_CATEGORIES)}
-    preds = []
+def evaluate_detection(model, data="test_det", *, n: int = 200, seed: int = 1, batch_size: int = 8,
+                       progress: bool = True, chunk_size: int | None = None, precision: str = "fp32") -> dict:
+    """COCO metrics of `model` on a detection dataset (spec, Dataset or world split name)."""
+    ds = resolve(data, n, seed)
+    if not ds.categories:
+        raise DataError(f"{ds.spec}: detection evaluation needs a dataset with categories (COCO, ODVG detection, "
+                        f"world detection splits); this one is {ds.task}")
+    records = list(strict(ds))
+    prompts = category_prompts(list(ds.categories), chunk_size, model.config.max_query_len)
+    gt = coco_dict(records, ds.categories)
+    dets = []
     t0 = time.time()
-    bar = _bar(len(samples), progress, "test_det")
-    for chunk in _batches(samples, batch_size):
-        prompts = [sample_prompt(s)[0] for s in chunk]
-        results = model.predict([s.image for s in chunk], prompts, threshold=0.0)
-        for s, r in zip(chunk, results):
-            cats = np.array([cat_id[s.phrases[j].text] for j in r.phrase_ids], dtype=np.int64)
-            preds.append({"boxes": r.boxes, "scores": r.scores, "category_ids": cats})
-        bar.update(len(chunk))
+    bar = _bar(len(records), progress, f"eval {ds.spec}")
+    max_dets = model.config.detections_per_img
+    start = 0
+    for batch in _batches(records, batch_size):
+        images = [r.load_image() for r in batch]
+        for prompt, cat_ids in prompts:  # official: each chunk's detections, concatenated
+            results = model.predict(images, [prompt] * len(images), threshold=0.0, max_dets=max_dets,
+                                    precision=precision)
+            for j, (im, res) in enumerate(zip(images, results)):
+                img_id = gt["images"][start + j]["id"]
+                for b, s, pid in zip(_full_size_boxes(res, im), res.scores, res.phrase_ids):
+                    dets.append({"image_id": img_id, "category_id": cat_ids[int(pid)], "score": float(s),
+                                 "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+        start += len(batch)
+        bar.update(len(batch))
     bar.close()
-    out = coco_metrics(samples, preds)
-    out["seconds"] = round(time.time() - t0, 1)
+    out = coco_metrics(gt, dets)
+    out.update(n_categories=len(ds.categories), n_prompts=len(prompts), seconds=round(time.time() - t0, 1))
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # grounding
 # --------------------------------------------------------------------------------------------------
-def recall_at_k(results, samples, ks=(1, 5), iou: float = 0.5) -> dict:
-    """Recall@k over every grounded phrase. results[i] is a GroundingResult whose prompt lists
-    samples[i]'s grounded phrases in order (as `sample_prompt(only_grounded=True)` builds it)."""
+def grounding_prompt(record: Record) -> tuple[Prompt, list[Phrase]]:
+    """The record's caption prompted with its grounded phrases (their spans), and those phrases."""
+    phrases = record.phrases()
+    return Prompt(record.caption, [p.text for p in phrases], [list(p.spans) for p in phrases]), phrases
+
+
+def _merged(boxes) -> list:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return [[b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]]
+
+
+def phrase_hits(boxes, scores, phrase_ids, phrases: list[Phrase], ks=(1, 5, 10), iou: float = 0.5,
+                protocol: str = "any-box") -> list[dict[int, bool]]:
+    """For each phrase: {k: one of its k best boxes has IoU >= iou with its ground truth}."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores, phrase_ids = np.asarray(scores).ravel(), np.asarray(phrase_ids).ravel()
+    out = []
+    for j, p in enumerate(phrases):
+        gt_boxes = _merged(p.boxes) if protocol == "merged" else list(p.boxes)
+        gt = torch.tensor(gt_boxes, dtype=torch.float64).reshape(-1, 4)
+        mine = np.nonzero(phrase_ids == j)[0]
+        if len(mine) == 0:
+            out.append({k: False for k in ks})
+            continue
+        order = mine[np.argsort(-scores[mine], kind="stable")]
+        ranked = torch.as_tensor(boxes[order], dtype=torch.float64)
+        ok = (box_iou(ranked, gt, plus_one=False) >= iou).any(1)  # per ranked box: overlaps a gt box
+        out.append({k: bool(ok[:k].any()) for k in ks})
+    return out
+
+
+def recall_at_k(results, phrases_per_image: list[list[Phrase]], ks=(1, 5, 10), iou: float = 0.5,
+                protocol: str = "any-box", images=None) -> dict:
+    """Recall@k over every grounded phrase. results[i] is the GroundingResult of image i, prompted with
+    phrases_per_image[i] in order (as `grounding_prompt` builds it); `images` (optional) the full-size
+    images, when the predictor downscaled them."""
     hits = {k: 0 for k in ks}
     total = 0
-    for r, s in zip(results, samples):
-        _, phrases = sample_prompt(s, only_grounded=True)
-        for j, p in enumerate(phrases):
+    for i, (r, phrases) in enumerate(zip(results, phrases_per_image)):
+        boxes = _full_size_boxes(r, images[i]) if images is not None else r.boxes
+        for h in phrase_hits(boxes, r.scores, r.phrase_ids, phrases, ks, iou, protocol):
             total += 1
-            gt = torch.tensor([s.objs[b].box for b in p.box_ids], dtype=torch.float32)
-            mine = np.nonzero(np.asarray(r.phrase_ids) == j)[0]
-            if len(mine) == 0:
-                continue
-            order = mine[np.argsort(-np.asarray(r.scores)[mine], kind="stable")]
-            boxes = torch.as_tensor(np.asarray(r.boxes)[order], dtype=torch.float32).reshape(-1, 4)
-            ok = (box_iou(boxes, gt) >= iou).any(1)  # per ranked box: overlaps a gt box
             for k in ks:
-                hits[k] += bool(ok[:k].any())
+                hits[k] += h[k]
     out = {f"R@{k}": hits[k] / max(total, 1) for k in ks}
     out["n_phrases"] = total
     return out
 
 
 @torch.no_grad()
-def evaluate_grounding(model, split: str = "test_ground", n: int = 200, seed: int = 1, batch_size: int = 8,
-                       progress: bool = True, samples=None, ks=(1, 5)) -> dict:
-    if split not in GROUNDING_SPLITS:
-        raise ValueError(f"grounding split must be one of {GROUNDING_SPLITS}, not {split!r}")
-    samples = samples if samples is not None else [make_sample(split, i, seed) for i in range(n)]
-    results = []
+def evaluate_grounding(model, data="test_ground", *, n: int = 200, seed: int = 1, batch_size: int = 8,
+                       progress: bool = True, ks=(1, 5, 10), protocol: str = "any-box",
+                       precision: str = "fp32") -> dict:
+    """Recall@k of `model` on a grounding dataset (spec, Dataset or world split name)."""
+    ds = resolve(data, n, seed)
+    if ds.task != "grounding":
+        raise DataError(f"{ds.spec}: grounding evaluation needs captions with grounded boxes (MDETR, ODVG "
+                        f"grounding, world test_ground/test_novel); this one is {ds.task}")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    records = [r for r in strict(ds) if r.caption and r.phrases()]
+    hits = {k: 0 for k in ks}
+    total = 0
     t0 = time.time()
-    bar = _bar(len(samples), progress, split)
+    bar = _bar(len(records), progress, f"eval {ds.spec}")
     with _inference_th(model, EVAL_INFERENCE_TH):
         model.predictor.clear_cache()
-        for chunk in _batches(samples, batch_size):
-            prompts = [sample_prompt(s, only_grounded=True)[0] for s in chunk]
-            results.extend(model.predict([s.image for s in chunk], prompts, threshold=0.0))
-            bar.update(len(chunk))
+        for batch in _batches(records, batch_size):
+            targets = [grounding_prompt(r) for r in batch]
+            images = [r.load_image() for r in batch]
+            results = model.predict(images, [t[0] for t in targets], threshold=0.0, precision=precision)
+            for im, res, (_, phrases) in zip(images, results, targets):
+                for h in phrase_hits(_full_size_boxes(res, im), res.scores, res.phrase_ids, phrases, ks,
+                                     protocol=protocol):
+                    total += 1
+                    for k in ks:
+                        hits[k] += h[k]
+            bar.update(len(batch))
         model.predictor.clear_cache()
     bar.close()
-    out = recall_at_k(results, samples, ks)
-    out["n_images"] = len(samples)
-    out["seconds"] = round(time.time() - t0, 1)
+    out = {f"R@{k}": hits[k] / max(total, 1) for k in ks}
+    out.update(n_phrases=total, n_images=len(records), protocol=protocol, seconds=round(time.time() - t0, 1))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------------
+def evaluate_dataset(model, data, task: str = "auto", **kw) -> dict:
+    """Detection or grounding metrics, chosen from the dataset (`task="auto"`) or forced."""
+    ds = open_dataset(data)
+    task = ("detection" if ds.categories else "grounding") if task == "auto" else task
+    if task == "detection":
+        kw.pop("ks", None), kw.pop("protocol", None)
+        return {"task": "detection", **evaluate_detection(model, ds, **kw)}
+    if task == "grounding":
+        kw.pop("chunk_size", None)
+        return {"task": "grounding", **evaluate_grounding(model, ds, **kw)}
+    raise ConfigError(f"task must be auto, detection or grounding, not {task!r}")
 
 
 def evaluate(model, split: str = "all", n: int = 200, seed: int = 1, batch_size: int = 8,
              progress: bool = True) -> dict:
-    """{split: metrics} for test_det / test_ground / test_novel (or all three)."""
+    """{split: metrics} on the world's test splits (test_det / test_ground / test_novel, or all three)."""
+    if split not in SPLIT_CHOICES:
+        raise ConfigError(f"split must be one of {SPLIT_CHOICES}, not {split!r}")
     splits = ("test_det",) + GROUNDING_SPLITS if split == "all" else (split,)
     out = {}
     for sp in splits:
         if sp == "test_det":
-            out[sp] = evaluate_detection(model, n, seed, batch_size, progress)
+            out[sp] = evaluate_detection(model, sp, n=n, seed=seed, batch_size=batch_size, progress=progress)
         else:
-            out[sp] = evaluate_grounding(model, sp, n, seed, batch_size, progress)
+            out[sp] = evaluate_grounding(model, sp, n=n, seed=seed, batch_size=batch_size, progress=progress)
     return out
 
 
 def format_table(metrics: dict) -> str:
+    """One line per evaluated dataset."""
     rows = []
-    for sp, m in metrics.items():
-        keys = ("AP", "AP50") if sp == "test_det" else ("R@1", "R@5")
-        rows.append(f"{sp:12s} " + "  ".join(f"{k}={m[k]:.3f}" for k in keys)
+    for name, m in metrics.items():
+        if "AP" in m:
+            keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        else:
+            keys = tuple(k for k in m if k.startswith("R@"))
+        rows.append(f"{name:12s} " + "  ".join(f"{k}={m[k]:.3f}" for k in keys)
                     + f"  (n={m.get('n_images')}, {m.get('seconds')} s)")
     return "\n".join(rows)
 
 
-__all__ = ["coco_metrics", "evaluate", "evaluate_detection", "evaluate_grounding", "recall_at_k", "sample_prompt",
-           "format_table"]
+__all__ = ["EVAL_INFERENCE_TH", "PROTOCOLS", "category_prompts", "coco_metrics", "evaluate", "evaluate_dataset",
+           "evaluate_detection", "evaluate_grounding", "format_table", "grounding_prompt", "phrase_hits",
+           "recall_at_k", "resolve"]

@@ -9,11 +9,9 @@ from glip.train.data import (
     Collate,
     InputSpec,
     ItemOptions,
-    OdvgGrounding,
-    WorldSource,
     build_item,
     can_flip,
-    parse_filename,
+    open_source,
 )
 from glip.train.trainer import build_model, compute_loss, get_config, lr_factor, make_stream, param_groups, train
 
@@ -30,7 +28,7 @@ def micro(tmp_path, **kw):
 
 
 def world_item(cfg, split: str, i: int, flip_prob: float = 0.0, **opts):
-    src = WorldSource(split, 0, 16)
+    src = open_source(f"world:{split}:0:16")
     return build_item(src[i], src, np.random.default_rng(i), ItemOptions(flip_prob=flip_prob, **opts), InputSpec(cfg))
 
 
@@ -64,7 +62,6 @@ def test_items_and_collate():
 def test_flip_rules():
     assert not can_flip("a red circle to the left of a blue star.")
     assert can_flip("red circle. blue star")
-    assert parse_filename("web_s3_000012.png") == ("web", 3, 12)
 
 
 def test_lr_schedule():
@@ -130,7 +127,7 @@ def test_pseudo_dataset_uses_only_the_file(tmp_path):
 
     from glip.config import get_preset
     from glip.data import make_sample, odvg_record, to_odvg
-    from glip.errors import DataError
+    from glip.errors import ImageError
 
     s = make_sample("web", 0, 0)
     rec = odvg_record(s, scores=[0.9] * sum(len(p.box_ids) for p in s.phrases))
@@ -139,13 +136,13 @@ def test_pseudo_dataset_uses_only_the_file(tmp_path):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (320, 320), (9, 200, 30)).save(tmp_path / "img" / rec["filename"])
     cfg = get_preset("toy").replace(**MICRO)
-    src = OdvgGrounding(tmp_path / "p.jsonl", tmp_path / "img")
+    src = open_source(f"odvg:{tmp_path / 'p.jsonl'}:{tmp_path / 'img'}")
     item = build_item(src[0], src, np.random.default_rng(0), ItemOptions(flip_prob=0), InputSpec(cfg))
     assert torch.allclose(item["boxes"][0], torch.tensor([1.0, 2.0, 30.0, 40.0]) * 128 / 320)
     assert float(item["image"][1].std()) < 1e-4  # the file's flat image, not the rendered scene
     assert build_item(src[0], src, np.random.default_rng(0), ItemOptions(min_score=0.95), InputSpec(cfg)) is None
-    with pytest.raises(DataError, match="image not found"):  # no file: an error naming it, no re-rendering
-        bad = OdvgGrounding(tmp_path / "p.jsonl", tmp_path)
+    with pytest.raises(ImageError, match="not found"):  # no file: an error naming it, no re-rendering
+        bad = open_source(f"odvg:{tmp_path / 'p.jsonl'}:{tmp_path}")
         build_item(bad[0], bad, np.random.default_rng(0), ItemOptions(), InputSpec(cfg))
 
 
@@ -245,7 +242,7 @@ def test_attribute_prompt_grounds_each_box_to_its_own_word():
     from glip.train.data import attribute_prompt
 
     seen = set()
-    src = WorldSource("gold_det", 0, 12)
+    src = open_source("world:gold_det:0:12")
     for i in range(12):
         s = make_sample("gold_det", i, 0)
         caption, regions = attribute_prompt(src[i], src.vocabularies, np.random.default_rng(i))
@@ -254,8 +251,9 @@ def test_attribute_prompt_grounds_each_box_to_its_own_word():
         attr = "color" if set(words) == set(GOLD_COLORS) else "shape"
         assert sorted(words) == sorted(GOLD_COLORS if attr == "color" else GOLD_SHAPES)
         assert len(spans) == len(boxes) == len(s.objs)
-        for o, sp, b in zip(s.objs, spans, boxes):
-            assert caption[sp[0][0]:sp[0][1]] == getattr(o, attr) and tuple(b) == tuple(o.box)
+        by_box = {tuple(o.box): o for o in s.objs}
+        for sp, b in zip(spans, boxes):
+            assert caption[sp[0][0]:sp[0][1]] == getattr(by_box[tuple(b)], attr)
         seen.add(attr)
     assert seen == {"color", "shape"}
 
@@ -331,7 +329,7 @@ def test_screened_out_pseudo_phrases_carry_no_loss(tmp_path):
 
     Image.new("RGB", (320, 320)).save(tmp_path / rec["filename"])
     cfg = get_preset("toy").replace(**MICRO)
-    src = OdvgGrounding(tmp_path / "p.jsonl")
+    src = open_source(f"odvg:{tmp_path / 'p.jsonl'}")
     item = build_item(src[0], src, np.random.default_rng(0), ItemOptions(flip_prob=0), InputSpec(cfg))
     plain = build_item(src[0], src, np.random.default_rng(0), ItemOptions(flip_prob=0, mask_unlabelled=False),
                        InputSpec(cfg))

@@ -88,12 +88,18 @@ def test_a_rank_builds_exactly_the_items_of_its_slots():
     assert torch.equal(part["images"], ref["images"]) and torch.equal(part["input_ids"], ref["input_ids"])
 
 
-def test_parse_data_arg_weights():
+def test_parse_data_arg_weights(tmp_path):
     assert parse_data_arg("world:gold_det:0:50000:0.5") == ("world:gold_det:0:50000", 0.5)
     assert parse_data_arg("world:gold_det:0:50000") == ("world:gold_det:0:50000", 1.0)  # N, not a weight
     assert parse_data_arg("world:gold_det:0") == ("world:gold_det:0", 1.0)
-    assert parse_data_arg("odvg:labels.jsonl:images/:2") == ("odvg:labels.jsonl:images/", 2.0)
-    assert parse_data_arg("odvg:labels.jsonl:images/") == ("odvg:labels.jsonl:images/", 1.0)
+    labels, images = tmp_path / "labels.jsonl", tmp_path / "images"
+    labels.write_text("")
+    images.mkdir()
+    assert parse_data_arg(f"odvg:{labels}:{images}:2") == (f"odvg:{labels}:{images}", 2.0)
+    assert parse_data_arg(f"odvg:{labels}:{images}") == (f"odvg:{labels}:{images}", 1.0)
+    assert parse_data_arg(f"odvg:{labels}:3") == (f"odvg:{labels}", 3.0)  # no folder named 3: a weight
+    (tmp_path / "3").mkdir()
+    assert parse_data_arg(f"odvg:{labels}:{tmp_path / '3'}") == (f"odvg:{labels}:{tmp_path / '3'}", 1.0)
     with pytest.raises(DataError, match="positive"):
         parse_data_arg("world:gold_det:0:50000:0")
 
@@ -185,10 +191,18 @@ def test_chunks_cover_the_names_within_budget(names, budget):
 
 
 def test_attribute_prompts_only_when_the_source_has_vocabularies():
-    rec = DetectionRecord("k", lambda: None, [(0, 0, 5, 5)], ["red circle"], [{"color": "red", "shape": "circle"}])
+    """Compositional category names ("colour shape") give one vocabulary per word position; names of varying
+    length (COCO's) give none, and such a source always trains on category prompts."""
+    from glip.train.data import positional_vocabularies
+
+    assert positional_vocabularies(["red circle", "blue star", "red star"]) == {
+        "word 1": ("red", "blue"), "word 2": ("circle", "star")}
+    assert positional_vocabularies(["person", "traffic light", "dog"]) is None
+    assert positional_vocabularies(["hot dog", "hot pot"]) is None  # one position never varies
+    rec = DetectionRecord("k", lambda: None, [(0, 0, 5, 5)], ["red circle"])
     plain = type("S", (), {"categories": ["red circle", "blue star"]})()
     rich = type("S", (), {"categories": ["red circle", "blue star"],
-                          "vocabularies": {"color": ("red", "blue"), "shape": ("circle", "star")}})()
+                          "vocabularies": positional_vocabularies(["red circle", "blue star"])})()
     rng = np.random.default_rng(5)
     opts = ItemOptions(attribute_prompt_prob=1.0, negatives=(1, 1))
     assert grounding_of(rec, plain, rng, opts, 64)[0] in ("red circle. blue star", "blue star. red circle")

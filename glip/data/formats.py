@@ -9,7 +9,8 @@ ODVG record (one JSON object per line):
 A phrase that refers to several boxes gives one region per box. "score" is
 optional: gold data has none, pseudo-labels carry the teacher's confidence.
 
-CLI:  python -m glip.data SPLIT N OUT_DIR [--seed S]   (see __main__.py)
+These are the world's own exports (its truth, attributes included). The generic readers and writers
+of every format live in `glip.datasets`; `python -m glip.data export` goes through them.
 """
 from __future__ import annotations
 
@@ -80,42 +81,33 @@ def odvg_record(sample: Sample, scores: list[float] | None = None) -> dict:
             "grounding": {"caption": sample.caption, "regions": regions}}
 
 
-def check_odvg(rec: dict) -> None:
-    """Raise if a record is malformed (span text must equal the phrase)."""
-    cap = rec["grounding"]["caption"]
-    for r in rec["grounding"]["regions"]:
-        x1, y1, x2, y2 = r["bbox"]
-        assert x2 > x1 and y2 > y1, f"empty box {r['bbox']}"
-        for b, e in r["tokens_positive"]:
-            assert cap[b:e] == r["phrase"], f"span {b, e} is {cap[b:e]!r}, not {r['phrase']!r}"
-        if "score" in r:
-            assert 0.0 <= r["score"] <= 1.0
-
-
 def to_odvg(items: list[Sample | dict], path: str | Path) -> list[dict]:
-    """Write ODVG JSON lines. items are Samples or ready records (e.g.
-    pseudo-labels with scores). Returns the records written."""
-    records = [odvg_record(x) if isinstance(x, Sample) else x for x in items]
-    for r in records:
-        check_odvg(r)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return records
+    """Write ODVG JSON lines (atomically). items are Samples (their truth, as `odvg_record`) or ready
+    records (e.g. pseudo-labels with scores); each is validated (`glip.datasets.odvg.check_odvg`).
+    Returns the records written."""
+    from glip.datasets.odvg import write_odvg
+
+    return write_odvg([odvg_record(x) if isinstance(x, Sample) else x for x in items], path)
 
 
 def from_odvg(path: str | Path) -> list[dict]:
-    with Path(path).open() as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    for r in records:
-        check_odvg(r)
-    return records
+    """Every ODVG line of a file or of a `glip label` output folder (its shards in order); DataError naming
+    the file and line at the first malformed one."""
+    from glip.datasets.odvg import read_odvg_lines
+    from glip.errors import DataError
+
+    out = []
+    for _, rec, error in read_odvg_lines(path):
+        if error is not None:
+            raise DataError(error)
+        out.append(rec)
+    return out
 
 
 def export_split(split: str, n: int, seed: int, out_dir: str | Path, cfg=None) -> dict:
-    """Generate a split and write <out_dir>/<split>/{*.png, coco.json, odvg.jsonl}."""
+    """Generate a split and write <out_dir>/<split>/{*.png, coco.json, odvg.jsonl}: every object with its
+    attributes, web's hidden boxes included (analysis and evaluation only; `python -m glip.data export`
+    writes what a real dataset of the split would hold)."""
     from .world import WorldConfig, make_split
 
     samples = make_split(split, n, seed, cfg or WorldConfig())

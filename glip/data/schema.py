@@ -8,6 +8,7 @@ them) teaches concepts the teacher never saw.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -36,6 +37,10 @@ ALL_COLORS = GOLD_COLORS + NOVEL_COLORS
 NOVEL_WORDS = frozenset(NOVEL_SHAPES + NOVEL_COLORS)
 SIZES = ("small", "big")
 STYLES = ("solid", "striped", "outlined")
+# The words that name an object's properties in gold data: what a model trained on gold splits only
+# (the teacher) can be expected to ground. Exported as `known_words.txt` with every split; labelling
+# scores a teacher's phrases by them (`glip label --score-words known_words.txt`).
+KNOWN_WORDS = frozenset(GOLD_COLORS + GOLD_SHAPES + SIZES)
 
 
 def category_name(color: str, shape: str) -> str:
@@ -106,3 +111,14 @@ class Sample:
     @property
     def file_name(self) -> str:
         return f"{self.split}_s{self.seed}_{self.index:06d}.png"
+
+
+_FILE_NAME = re.compile(r"^(?P<split>[a-z_]+)_s(?P<seed>\d+)_(?P<index>\d+)(\.png)?$")
+
+
+def parse_file_name(name: str) -> tuple[str, int, int]:
+    """`web_s0_000012.png` (or a path ending in it) → ("web", 0, 12): the inverse of `Sample.file_name`."""
+    m = _FILE_NAME.match(name.replace("\\", "/").rsplit("/", 1)[-1])
+    if not m:
+        raise ValueError(f"not a synthetic-world file name: {name!r}")
+    return m["split"], int(m["seed"]), int(m["index"])

@@ -10,9 +10,11 @@ A *training source* (`TrainingSource`) is a sized, indexable collection of recor
   source's ``categories``, shuffled, joined with ". "; negatives are screened to fit the query, and a list
   of present categories longer than the query is chunked (one chunk per draw, its boxes only).
 
-A source may also carry ``vocabularies`` (attribute name → words, with per-box ``attributes`` on its detection
-records, for `attribute_prompt`) and ``shared_words`` (for `share_attribute_words`, applied with the union of every
-source's words, so pseudo-labels share the gold words too); sources without them train the official way.
+A source may also carry ``vocabularies`` (word position → words of its compositional category names, for
+`attribute_prompt`) and ``shared_words`` (a dataset's vocabulary, for `share_attribute_words`, applied with the
+union of every source's words so that pseudo-labels share the gold words too); sources without them train the
+official way. `DatasetSource` makes any `glip.datasets` dataset (COCO, ODVG incl. `glip label` output, MDETR,
+the synthetic world...) such a source.
 
 ``--data SPEC[:weight] ...`` gives any number of sources (`parse_data_arg`, `open_source`); `StepBatches` builds
 the global batch of step s as a pure function of (seed, s): each slot draws a source in proportion to its weight,
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from glip.errors import DataError
+from glip.errors import DataError, GLIPError, ImageError
 from glip.image import batch_images, to_tensor
 from glip.prompts import Prompt, PromptError, from_caption, get_tokenizer, positive_map, tokenize
 
@@ -45,7 +47,6 @@ Span = tuple[int, int]
 Box = tuple[float, float, float, float]
 _SPATIAL = re.compile(r"\b(left|right)\b")
 _WORD = re.compile(r"[a-z]+")
-_FILENAME = re.compile(r"^(?P<split>[a-z_]+)_s(?P<seed>\d+)_(?P<index>\d+)\.png$")
 # the official od_to_grounding: RANDOM_SAMPLE_NEG 85, CONTROL_PROB (0, 0, 0.5, 0)
 OFFICIAL_NEGATIVES = 85
 OFFICIAL_ALL_NEGATIVES_PROB = 0.5
@@ -76,7 +77,6 @@ class DetectionRecord:
     image: Callable[[], Image.Image]
     boxes: list[Box]
     labels: list[str]                       # category name per box
-    attributes: list[dict[str, str]] | None = None  # per box, e.g. {"color": "red"}: see `attribute_prompt`
 
 
 @runtime_checkable
@@ -93,8 +93,9 @@ class TrainingSource(Protocol):
 # specs
 # --------------------------------------------------------------------------------------------------
 def parse_data_arg(text: str) -> tuple[str, float]:
-    """"SPEC[:weight]" → (spec, weight). A trailing number is a weight when the spec is complete without it
-    (`world:gold_det:0:50000:0.5`); otherwise it belongs to the spec (`world:gold_det:0:50000`, weight 1)."""
+    """"SPEC[:weight]" → (spec, weight), SPEC a dataset spec (`glip.datasets.spec`). A trailing number is a
+    weight when the spec is complete without it and not with it: `world:gold_det:0:50000:0.5` (weight 0.5),
+    `world:gold_det:0:50000` (N = 50000, weight 1), `odvg:labels:images/:2` (weight 2)."""
     head, sep, tail = text.rpartition(":")
     if sep:
         try:
@@ -108,31 +109,31 @@ def parse_data_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _spec_complete(spec: str) -> bool:
-    scheme, _, rest = spec.partition(":")
-    parts = rest.split(":") if rest else []
-    if scheme == "world":          # world:SPLIT:SEED[:N]
-        return len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:])
-    if scheme == "odvg":           # odvg:FILE[:IMAGES]
-        return len(parts) in (1, 2) and bool(parts[0])
-    return bool(parts)
+def _spec_complete(text: str) -> bool:
+    """Whether `text` reads as a whole dataset spec (syntax, and the paths it names exist)."""
+    from glip.datasets import parse_spec
+
+    try:
+        s = parse_spec(text)
+    except DataError:
+        return False
+    if s.scheme == "world":
+        return all(p.isdigit() for p in s.parts[1:])
+    if s.scheme in ("coco", "odvg", "mdetr"):
+        return Path(s.parts[0]).exists() and (len(s.parts) == 1 or Path(s.parts[1]).is_dir())
+    return Path(s.parts[0]).exists() or any(c in s.parts[0] for c in "{*?")
 
 
-def open_source(spec: str) -> TrainingSource:
-    """A training source from a dataset spec (see `parse_data_arg`)."""
-    scheme, _, rest = spec.partition(":")
-    parts = rest.split(":") if rest else []
-    if scheme == "world":
-        if not _spec_complete(spec):
-            raise DataError(f"{spec!r}: expected world:SPLIT:SEED[:N]")
-        split, seed = parts[0], int(parts[1])
-        n = int(parts[2]) if len(parts) == 3 else 50000
-        return world_source(split, seed, n)
-    if scheme == "odvg":
-        if not _spec_complete(spec):
-            raise DataError(f"{spec!r}: expected odvg:FILE[:IMAGE_FOLDER]")
-        return OdvgGrounding(parts[0], parts[1] if len(parts) == 2 else None)
-    raise DataError(f"{spec!r}: unknown training data scheme {scheme!r} (known: world, odvg)")
+def open_source(spec: str) -> "DatasetSource":
+    """A training source from a dataset spec: detection or grounding data (image–caption pairs have no boxes:
+    pseudo-label them with `python -m glip label` and train on its output, `odvg:OUT_DIR:IMAGES`)."""
+    from glip.datasets import open_dataset
+
+    ds = open_dataset(spec)
+    if ds.task == "captions":
+        raise DataError(f"{spec}: image-caption pairs without boxes; label them first (python -m glip label) "
+                        "and train on the labels (odvg:LABEL_DIR[:IMAGES])")
+    return DatasetSource(ds)
 
 
 def open_sources(data: Sequence[str]) -> tuple[list[TrainingSource], np.ndarray]:
@@ -233,14 +234,15 @@ def detection_prompt(labels: Sequence[str], categories: Sequence[str], rng: np.r
 
 def attribute_prompt(record: DetectionRecord, vocabularies: dict[str, Sequence[str]], rng: np.random.Generator
                      ) -> tuple[str, list[Region]]:
-    """The same boxes, prompted with one attribute's vocabulary ("blue. red. orange. ...", all its words,
-    shuffled); each box is grounded to its own word.
+    """The same boxes, prompted with one word position's vocabulary of the category names ("blue. red. orange.
+    ..." for "colour shape" names: all its words, shuffled); each box is grounded to its own word.
 
     Why: in category prompts every colour word is followed by a shape word, and shape alone already lowers the
     loss a lot; measured on the synthetic world (README), training then drops colour from the features S_ground
     scores and never finds it again. A prompt whose only content is colour gives a direct gradient for it."""
-    attr = sorted(vocabularies)[int(rng.integers(len(vocabularies)))]
-    words = list(vocabularies[attr])
+    keys = sorted(vocabularies)
+    j = int(rng.integers(len(keys)))
+    words = list(vocabularies[keys[j]])
     rng.shuffle(words)
     caption = ". ".join(words)
     starts, pos = {}, 0
@@ -248,8 +250,9 @@ def attribute_prompt(record: DetectionRecord, vocabularies: dict[str, Sequence[s
         starts[w] = pos
         pos += len(w) + 2
     regions = []
-    for box, attrs in zip(record.boxes, record.attributes or []):
-        w = attrs.get(attr)
+    for box, label in zip(record.boxes, record.labels):
+        parts = label.split()
+        w = parts[j] if j < len(parts) else None
         if w in starts:
             regions.append(Region(tuple(box), [(starts[w], starts[w] + len(w))]))
     return caption, regions
@@ -362,7 +365,7 @@ def grounding_of(record, source, rng: np.random.Generator, opts: ItemOptions, ma
     """(caption, regions, ignore spans) a record trains with, or None when no region survives screening."""
     if isinstance(record, DetectionRecord):
         vocab = getattr(source, "vocabularies", None)
-        if opts.attribute_prompt_prob > 0 and vocab and record.attributes and rng.random() < opts.attribute_prompt_prob:
+        if opts.attribute_prompt_prob > 0 and vocab and rng.random() < opts.attribute_prompt_prob:
             caption, regions = attribute_prompt(record, vocab, rng)
         else:
             caption, spans = detection_prompt(record.labels, getattr(source, "categories", ()) or (), rng, max_len,
@@ -389,10 +392,10 @@ def build_item(record, source, rng: np.random.Generator, opts: ItemOptions, spec
     flip = opts.flip_prob > 0 and can_flip(caption) and bool(rng.random() < opts.flip_prob)
     try:
         image = record.image().convert("RGB")
-    except DataError:
+    except GLIPError:
         raise
     except Exception as e:
-        raise DataError(f"{record.key}: cannot read its image ({e.__class__.__name__}: {e})") from None
+        raise ImageError(f"{record.key}: cannot read its image ({e.__class__.__name__}: {e})") from None
     return make_item(image, caption, [r.spans for r in regions], [r.box for r in regions], spec, flip,
                      shared_words if opts.share_attribute_words else None, ignore)
 
@@ -439,13 +442,17 @@ class StepBatches(torch.utils.data.Dataset):
         k, i = draw
         src = self.sources[k]
         rng = np.random.default_rng([self.seed, 7919, step, slot])
+        why = f"no region above min_score {self.opts.min_score}"
         for _ in range(MAX_REDRAWS):
-            it = build_item(src[i], src, rng, self.opts, self.spec, self.shared_words)
+            try:
+                it = build_item(src[i], src, rng, self.opts, self.spec, self.shared_words)
+            except ImageError as e:  # one unreadable image does not stop a run: that draw is re-drawn
+                it, why = None, str(e)
             if it is not None:
                 return it
             i = int(rng.integers(len(src)))
-        raise DataError(f"source {k}: {MAX_REDRAWS} records drawn in a row have no region above min_score "
-                        f"{self.opts.min_score}")
+        raise DataError(f"{getattr(src, 'spec', f'source {k}')}: {MAX_REDRAWS} records drawn in a row were unusable "
+                        f"(last: {why})")
 
     def __getitem__(self, step: int) -> list:
         draws = self.draws(step)
@@ -497,105 +504,77 @@ def training_prompts(sources: list[TrainingSource], weights: np.ndarray, n: int,
 # --------------------------------------------------------------------------------------------------
 # sources
 # --------------------------------------------------------------------------------------------------
-class OdvgGrounding:
-    """ODVG grounding records (JSONL: filename, grounding.caption, grounding.regions[bbox, tokens_positive,
-    score?]); images read from `image_dir / filename` (or `filename` itself when absolute or no folder given)."""
+class DatasetSource:
+    """A `glip.datasets` dataset as a training source: its records indexed (kept in memory, images lazy;
+    records a reader could not parse are dropped and counted in `skipped`), detection records with the
+    dataset's cleaned category names, grounding records with their spans and scores, crowd boxes left out
+    (as official training does). `shared_words` is the dataset's vocabulary; `vocabularies` are its categories'
+    word positions when every category name has the same number of words (colour + shape, say)."""
 
-    def __init__(self, path: str | Path, image_dir: str | Path | None = None):
-        from glip.data import from_odvg
+    def __init__(self, dataset):
+        from glip.prompts import clean_category_name
 
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: ODVG file not found")
-        try:
-            self.records = from_odvg(path)
-        except (ValueError, KeyError) as e:
-            raise DataError(f"{path}: malformed ODVG record ({e})") from None
-        self.root = Path(image_dir) if image_dir else path.parent
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> GroundingRecord:
-        r = self.records[i]
-        path = self.root / r["filename"]
-        regions = [Region(tuple(float(v) for v in g["bbox"]), [tuple(sp) for sp in g["tokens_positive"]], g.get("score"))
-                   for g in r["grounding"]["regions"]]
-        return GroundingRecord(str(r["filename"]), lambda p=path: _open_image(p), r["grounding"]["caption"], regions)
-
-
-def _open_image(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise DataError(f"{path}: image not found")
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-class WorldSource:
-    """A split of the synthetic world, rendered on the fly. Detection splits yield `DetectionRecord`s with the
-    gold categories as the negatives' pool and colour/shape vocabularies; grounding splits `GroundingRecord`s."""
-
-    def __init__(self, split: str, seed: int, n: int):
-        from glip.data import GOLD_CATEGORIES, GOLD_COLORS, GOLD_SHAPES
-        from glip.data.schema import SPLITS
-
-        if split not in SPLITS:
-            raise DataError(f"world split {split!r} unknown; choose from {SPLITS}")
-        if split == "web":
-            raise DataError("world:web has no boxes to train on: pseudo-label it first (an odvg source)")
-        self.split, self.seed, self.n = split, seed, n
-        self.detection = split in ("gold_det", "test_det")
-        self.categories = GOLD_CATEGORIES
-        self.vocabularies = {"color": GOLD_COLORS, "shape": GOLD_SHAPES}
-        # the annotators' words for one intrinsic property (gold only: no novel word's role is given away)
-        self.shared_words = ATTRIBUTE_WORDS
+        self.dataset, self.spec = dataset, dataset.spec
+        self.detection = dataset.task == "detection"
+        self.names = {c.id: clean_category_name(c.name).strip() for c in dataset.categories or ()}
+        self.categories = tuple(dict.fromkeys(self.names.values()))
+        self.shared_words = frozenset(dataset.vocabulary) if dataset.vocabulary else None
+        self.vocabularies = positional_vocabularies(self.categories) if self.detection else None
+        self._get, self._n, self.skipped = _random_access(dataset)
 
     def __len__(self) -> int:
-        return self.n
+        return self._n
 
-    def _image(self, i: int) -> Image.Image:
-        from glip.data import make_sample
-
-        return make_sample(self.split, i, self.seed).image
-
-    def __getitem__(self, i: int):
-        from glip.data import make_sample
-
-        s = make_sample(self.split, i, self.seed, render_image=False)
-        key, image = f"world:{self.split}:{self.seed}:{i}", (lambda i=i: self._image(i))
+    def __getitem__(self, i: int) -> GroundingRecord | DetectionRecord:
+        r = self._get(i)
+        if r.error:
+            raise DataError(r.error)
+        regions = [g for g in r.regions or () if not g.iscrowd]
         if self.detection:
-            return DetectionRecord(key, image, [o.box for o in s.objs], [o.category for o in s.objs],
-                                   [{"color": o.color, "shape": o.shape} for o in s.objs])
-        regions = [Region(s.objs[b].box, [p.span]) for p in s.phrases for b in p.box_ids]
-        return GroundingRecord(key, image, s.caption, regions)
+            labels = [self.names.get(g.category_id) or g.phrase for g in regions]
+            return DetectionRecord(r.key, r.load_image, [tuple(g.box) for g in regions], labels)
+        return GroundingRecord(r.key, r.load_image, r.caption or "",
+                               [Region(tuple(g.box), [tuple(sp) for sp in g.spans], g.score) for g in regions if g.spans])
 
 
-def world_source(split: str, seed: int, n: int) -> WorldSource:
-    return WorldSource(split, seed, n)
+def _random_access(dataset):
+    """(record(i), n, skipped). The synthetic world builds any record from its index; every other dataset is
+    read once into memory (its records hold image paths or loaders, not pixels), unreadable records dropped."""
+    from glip.datasets.world import WorldDataset, world_record
+
+    if isinstance(dataset, WorldDataset):
+        return (lambda i: world_record(dataset.split, i, dataset.seed, dataset.cfg)), len(dataset), 0
+    records, skipped = [], 0
+    for r in dataset:
+        if r.error:
+            skipped += 1
+        else:
+            records.append(r)
+    return records.__getitem__, len(records), skipped
 
 
-def _world_attribute_words() -> frozenset[str]:
-    from glip.data import GOLD_COLORS, GOLD_SHAPES
-    from glip.data.schema import SIZES
+def positional_vocabularies(categories: Sequence[str]) -> dict[str, tuple[str, ...]] | None:
+    """{"word 1": (...), "word 2": (...)}: the words at each position of the category names, when every name
+    has the same number (≥ 2) of words and each position holds several (compositional names, "red circle")."""
+    split = [c.split() for c in categories]
+    if len(split) < 2 or len({len(w) for w in split}) != 1 or len(split[0]) < 2:
+        return None
+    vocab = {f"word {j + 1}": tuple(dict.fromkeys(w[j] for w in split)) for j in range(len(split[0]))}
+    return vocab if all(len(v) > 1 for v in vocab.values()) else None
 
-    return frozenset(GOLD_COLORS + GOLD_SHAPES + SIZES)
 
+def __getattr__(name: str):
+    # `ATTRIBUTE_WORDS`, the synthetic world's attribute words, for callers that imported it from here (training
+    # takes a dataset's own `vocabulary`)
+    if name == "ATTRIBUTE_WORDS":
+        from glip.data.schema import KNOWN_WORDS
 
-# The synthetic world's attribute words (what `WorldSource.shared_words` holds), for callers outside training.
-ATTRIBUTE_WORDS = _world_attribute_words()
-
-
-def parse_filename(name: str) -> tuple[str, int, int]:
-    """`web_s0_000012.png` → ("web", 0, 12), the synthetic world's file names (pseudo-labelling reads them;
-    training takes its images from the records)."""
-    m = _FILENAME.match(Path(name).name)
-    if not m:
-        raise ValueError(f"not a synthetic-world file name: {name!r}")
-    return m["split"], int(m["seed"]), int(m["index"])
+        return KNOWN_WORDS
+    raise AttributeError(name)
 
 
 __all__ = ["Region", "GroundingRecord", "DetectionRecord", "TrainingSource", "parse_data_arg", "open_source",
            "open_sources", "detection_prompt", "sample_negatives", "chunk_categories", "prompt_tokens",
            "attribute_prompt", "share_attribute_words", "unlabelled_phrase_spans", "can_flip", "InputSpec",
            "ItemOptions", "make_item", "grounding_of", "build_item", "StepBatches", "Collate", "training_prompts",
-           "OdvgGrounding", "WorldSource", "ATTRIBUTE_WORDS", "parse_filename"]
+           "DatasetSource", "positional_vocabularies"]
