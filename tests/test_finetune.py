@@ -134,12 +134,14 @@ def test_full_mode_language_lr_and_bias_groups(tmp_path, base):
 
 
 def test_full_fine_tune_keeps_a_frozen_text_encoder_bit_identical(tmp_path, base):
-    tc, r = run(tmp_path, base, "full", lr=1e-3)
+    tc, r = run(tmp_path, base, "full", lr=1e-3, eval_every=6, eval_data=("world:test_ground:5:2",))
     ref = GLIP.from_pretrained(str(base), device="cpu").state_dict()
     got = r["model"].state_dict()
     lang = [k for k in ref if k.startswith("language_backbone.")]
     assert lang and all(torch.equal(ref[k], got[k]) for k in lang)
     assert any(not torch.equal(ref[k], got[k]) for k in ref if k.startswith("backbone."))
+    evals = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 1 and 0 <= evals[0]["eval"]["world:test_ground:5:2"]["R@1"] <= 1
     card = json.loads((tmp_path / "full" / "model" / "config.json").read_text())["training"]
     assert card["base_model"] == str(base) and card["steps"] == 6 and card["data"] == list(FIXED)
 

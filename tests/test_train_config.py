@@ -18,7 +18,7 @@ SAMPLES = {
     "precision": "bf16", "train_dropout": True, "det_negatives": [1, 3], "hard_negative_weight": 2.0,
     "attribute_prompt_prob": 0.1, "share_attribute_words": False, "min_score": 0.4, "mask_unlabelled": False,
     "text_projection_init": "whiten", "contrastive_weight": 0.5, "flip_prob": 0.25, "ckpt_every": 7,
-    "eval_every": 3, "eval_n": 5, "num_threads": 1, "num_workers": 2, "out": "elsewhere",
+    "eval_every": 3, "eval_data": ["world:test_det:5:4"], "num_threads": 1, "num_workers": 2, "out": "elsewhere",
 }
 
 
@@ -92,10 +92,10 @@ def test_config_files_and_presets(tmp_path, capsys):
     (["--device", "banana"], "device must be"),
     (["--config", "missing.json"], "config file not found"),
     (["--config", "nope"], "unknown train config"),
-    (["--data", "bogus:x"], "unknown training data scheme"),
-    (["--data", "world:gold_det"], "expected world:SPLIT:SEED"),
+    (["--data", "bogus:x"], "unknown dataset scheme"),
+    (["--data", "world:gold_det"], "world:SPLIT:SEED"),
     (["--data", "world:gold_det:0:5:-1"], "weight must be a positive"),
-    (["--data", "odvg:/nonexistent.jsonl"], "ODVG file not found"),
+    (["--data", "odvg:/nonexistent.jsonl"], "file not found"),
     (["--init-from", "glip-t"], "is a preset"),
 ])
 def test_nonsense_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
@@ -105,3 +105,9 @@ def test_nonsense_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args,
     assert rc != 0
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert not (out / "model").exists() and not (out / "last.pt").exists()
+
+
+def test_captions_only_data_is_refused_with_the_way_forward(tmp_path, capsys):
+    rc = main(["train", "--config", "tiny", "--out", str(tmp_path / "r"), "--data", "world:web:0:4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "label them first" in err[0]

@@ -19,7 +19,7 @@ from glip.errors import CheckpointError, ConfigError
 VERSION = 1
 # what may change between a run and its resumption: bookkeeping, and the length of the run (the schedule is
 # a function of step / steps, so a longer run re-stretches the remaining cosine)
-RESUMABLE_CHANGES = frozenset({"steps", "max_minutes", "ckpt_every", "eval_every", "eval_n", "num_threads",
+RESUMABLE_CHANGES = frozenset({"steps", "max_minutes", "ckpt_every", "eval_every", "eval_data", "num_threads",
                                "num_workers", "device", "out", "name"})
 
 

@@ -513,9 +513,8 @@ def save_result(model, tc: TrainConfig, steps: int, world: int = 1) -> Path:
 
 @torch.no_grad()
 def quick_eval(model, ema, tc: TrainConfig) -> dict:
-    """R@1 on a few test_ground scenes and AP50 on a few test_det scenes of the synthetic world (EMA weights
-    when on)."""
-    from glip.evaluate import evaluate_detection, evaluate_grounding
+    """COCO AP / Recall@1 on each of `tc.eval_data` (EMA weights when on), for the log."""
+    from glip.evaluate import evaluate_dataset
 
     backup = None
     if ema is not None:
@@ -523,16 +522,18 @@ def quick_eval(model, ema, tc: TrainConfig) -> dict:
         ema.copy_to(model)
     model.eval()
     model._predictor = None
+    out = {}
     try:
-        g = evaluate_grounding(model, "test_ground", n=tc.eval_n, seed=12345, progress=False)
-        d = evaluate_detection(model, n=max(tc.eval_n // 2, 4), seed=12345, progress=False)
+        for spec in tc.eval_data:
+            m = evaluate_dataset(model, spec, progress=False)
+            out[spec] = {k: round(float(m[k]), 3) for k in ("AP", "AP50", "R@1") if k in m}
     finally:
         if backup is not None:
             params = dict(model.named_parameters())
             for k, v in backup.items():
                 params[k].copy_(v)
         model._predictor = None
-    return {"ground_R@1": round(g["R@1"], 3), "det_AP50": round(d["AP50"], 3)}
+    return out
 
 
 __all__ = ["TrainConfig", "CONFIGS", "get_config", "build_model", "apply_mode", "param_groups", "lr_factor", "EMA",
