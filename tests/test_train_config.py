@@ -11,7 +11,7 @@ from glip.train.config import CONFIGS, TrainConfig, get_config
 
 # a valid value, different from the tiny config's, for every field (a new field without one fails the test)
 SAMPLES = {
-    "name": "mine", "model": "glip-t", "model_overrides": {"channels": 32}, "init_from": "some/folder",
+    "name": "mine", "model": "glip-t", "model_overrides": {"channels": 32}, "init_from": "some/folder", "init_config": "glip-t",
     "mode": "linear", "data": ["world:gold_ground:0:10:2", "odvg:x.jsonl:img/:1"], "steps": 11, "max_minutes": 7.5,
     "batch_size": 6, "grad_accum": 2, "lr": 0.002, "text_lr": 1e-5, "bias_lr_factor": 2.0, "weight_decay": 0.01,
     "warmup_steps": 5, "min_lr_ratio": 0.2, "clip_grad": 0.5, "ema": 0.9, "seed": 9, "device": "cpu",

@@ -30,6 +30,8 @@ class TrainConfig:
     model: str = "toy"                      # preset for training from scratch (architecture + input size)
     model_overrides: dict = field(default_factory=dict)  # GLIPConfig fields replaced on the preset
     init_from: str | None = None            # start from these weights: anything `GLIP.from_pretrained` reads
+    init_config: str | None = None          # its `config=` (preset, our JSON, official yaml/keys JSON): what an
+                                            # official .pth's tensors cannot tell (input size, BERT heads)
     mode: str = "full"                      # full | prompt (only a prompt embedding) | linear (the official probe)
     # Training sources: dataset specs with an optional sampling weight, "SPEC[:weight]" (glip.train.data)
     data: tuple[str, ...] = ("world:gold_det:0:50000:0.5", "world:gold_ground:0:50000:0.5")
@@ -85,15 +87,16 @@ _TOY = dict(det_negatives=(6, 16), hard_negative_weight=4.0, attribute_prompt_pr
             eval_every=500, eval_data=("world:test_ground:12345:48", "world:test_det:12345:24"))
 _TEACHER = TrainConfig(**_TOY)
 # The student starts from the teacher (a deviation from the paper, which trains it from scratch: on 2 CPU
-# cores there is no time for that) with a fresh LR cycle, and sees gold + pseudo-labelled web data.
+# cores there is no time for that) with a fresh LR cycle, and sees gold + pseudo-labelled web data: the
+# output folder of `python -m glip label`, its images in data/web (`python -m glip.data export web --format folder`).
 _GOLD_STUDENT = ("world:gold_det:0:50000:0.3", "world:gold_ground:0:50000:0.3")
 _STUDENT = dataclasses.replace(
     _TEACHER, name="student", init_from="runs/teacher/model", steps=2296, max_minutes=35.0, lr=5e-4,
-    warmup_steps=50, data=_GOLD_STUDENT + ("odvg:runs/pseudo/web.jsonl:runs/pseudo/images:0.4",),
+    warmup_steps=50, data=_GOLD_STUDENT + ("odvg:runs/pseudo:data/web:0.4",),
     min_score=0.5, out="runs/student")
 _STUDENT2 = dataclasses.replace(
     _STUDENT, name="student2", init_from="runs/student/model", steps=2087, max_minutes=30.0, lr=3e-4,
-    data=_GOLD_STUDENT + ("odvg:runs/pseudo2/web.jsonl:runs/pseudo/images:0.4",), out="runs/student2")
+    data=_GOLD_STUDENT + ("odvg:runs/pseudo2:data/web:0.4",), out="runs/student2")
 
 # Fine-tuning a released GLIP-T on one's own data (the paper's recipe: AdamW 1e-4, BERT 1e-5, WD 1e-4,
 # biases at 2x LR without decay, EMA 0.999, clipping 1.0). `data` and `init_from` come from the user.
@@ -113,7 +116,7 @@ CONFIGS: dict[str, TrainConfig] = {
     # Round 3 (the shipped toy-student): the round-2 student re-labels them the same way; 25 minutes.
     "student3": dataclasses.replace(
         _STUDENT2, name="student3", init_from="runs/student2/model", steps=1739, max_minutes=25.0,
-        data=_GOLD_STUDENT + ("odvg:runs/pseudo3/web.jsonl:runs/pseudo/images:0.4",), out="runs/student3"),
+        data=_GOLD_STUDENT + ("odvg:runs/pseudo3:data/web:0.4",), out="runs/student3"),
     "finetune": _FINETUNE,
     # The paper's prompt tuning (official `language_prompt_v2`: LR 0.05, WD 0.25), everything else frozen.
     "prompt": dataclasses.replace(_FINETUNE, name="prompt", mode="prompt", lr=0.05, text_lr=0.0, weight_decay=0.25,

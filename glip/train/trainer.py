@@ -69,7 +69,7 @@ def build_model(tc: TrainConfig, prompts=None):
         if is_prompt_folder(tc.init_from) and tc.mode != "prompt":
             raise ConfigError(f"{tc.init_from} is a tuned prompt: mode {tc.mode} trains its base model "
                               "(init_from the base model instead)")
-        model = GLIP.from_pretrained(tc.init_from, device="cpu")
+        model = GLIP.from_pretrained(tc.init_from, config=tc.init_config, device="cpu")
     else:
         torch.manual_seed(tc.seed)
         try:
