@@ -91,6 +91,7 @@ class GLIPConfig:
     detections_per_img: int = 100
     # free text for model cards
     name: str = "custom"
+    training: dict = field(default_factory=dict)  # model card of trained weights: data, mode, steps, base model
 
     @property
     def lang_dim(self) -> int:

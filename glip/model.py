@@ -45,6 +45,7 @@ class GLIP(nn.Module):
         self.rpn = nn.Module()  # official name of the grounding head's container
         self.rpn.head = VLDyHead(config)
         self.box_coder = BoxCoder()
+        self.tunable_linear = None  # prompt tuning: a `glip.prompt_tuning.PromptEmbedding`, added to the text features
         self._predictor = None
 
     # --- the three stages -------------------------------------------------------------------
@@ -53,7 +54,11 @@ class GLIP(nn.Module):
         return self.backbone(images)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        return self.language_backbone(input_ids, attention_mask)
+        return self.add_prompt(self.language_backbone(input_ids, attention_mask))
+
+    def add_prompt(self, text: TextFeatures) -> TextFeatures:
+        """The tuned prompt embedding added to both text features (official `language_prompt_v2`), when attached."""
+        return text if self.tunable_linear is None else self.tunable_linear(text)
 
     def ground(self, features: list[torch.Tensor], text: TextFeatures, output_attentions: bool = False) -> HeadOutput:
         return self.rpn.head(features, text, output_attentions=output_attentions)
@@ -86,6 +91,10 @@ class GLIP(nn.Module):
 
         Nothing is allocated before the source is checked: the config's ranges, the config against the
         tensor shapes, then every key and shape against this architecture built on the meta device."""
+        from .prompt_tuning import is_prompt_folder, load_prompt, prompt_base
+
+        if is_prompt_folder(src):  # a tuned prompt on top of the base model its card names
+            return load_prompt(cls.from_pretrained(prompt_base(src), config, device, dtype), src)
         dev = resolve_device(device) if device is not None else None
         pre = read_pretrained(src, config)
         if pre.shapes is not None:

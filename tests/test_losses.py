@@ -321,3 +321,43 @@ def test_masked_tokens_get_no_gradient_from_any_term():
     for l in logits:
         assert torch.all(l.grad[0, :, masked] == 0)
         assert l.grad[0].abs().sum() > 0
+
+
+def test_normalizer_makes_split_batches_exact():
+    """Two "ranks" holding halves of a batch (one of them with an image without any box), each normalising by the
+    mean of both ranks' counts: the average of their gradients is the whole batch's gradient (every term,
+    contrastive included), and the average of their losses is the whole batch's loss."""
+    logits, reg, ctr, anchors, targets, mask = _setup(batch=4, seed=3)
+    targets[3] = {"boxes": torch.zeros(0, 4), "positive_map": torch.zeros(0, 8)}
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(l.shape, generator=gen) for l in logits]
+    ctr = [torch.randn(c.shape, generator=gen) for c in ctr]
+
+    def run(idx, normalizer=None, record=None):
+        ls = [l[idx].clone().requires_grad_(True) for l in logits]
+        rs = [r[idx].clone().requires_grad_(True) for r in reg]
+        cs = [c[idx].clone().requires_grad_(True) for c in ctr]
+
+        def norm(stats):
+            if record is not None:
+                record.append(stats.clone())
+            return normalizer(stats) if normalizer else stats
+
+        out = glip_loss(ls, rs, cs, anchors, [targets[i] for i in idx], mask[idx], BoxCoder(),
+                        contrastive_weight=0.7, normalizer=norm)
+        out.total.backward()
+        return out, [t.grad for t in ls + rs + cs]
+
+    whole, g_whole = run([0, 1, 2, 3])
+    halves = ([0, 1], [2, 3])
+    stats = []
+    for h in halves:
+        run(h, record=stats)
+    mean = (stats[0] + stats[1]) / 2
+    parts = [run(h, normalizer=lambda s: mean) for h in halves]
+    assert float(stats[1][0]) < float(stats[0][0])  # the second half has fewer positives: the normalisers differ
+    got = (parts[0][0].total + parts[1][0].total) / 2
+    torch.testing.assert_close(got, whole.total, rtol=1e-5, atol=1e-6)
+    for j, g in enumerate(g_whole):
+        avg = torch.cat([parts[0][1][j], parts[1][1][j]]) / 2
+        torch.testing.assert_close(avg, g, rtol=1e-5, atol=1e-7)

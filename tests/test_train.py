@@ -1,11 +1,19 @@
-"""Training (issue 3): loss goes down, resume is exact, checkpoints without the text encoder."""
+"""Training: items from records, loss goes down, resume is exact, checkpoints without the text encoder."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from glip.train.data import Collate, GoldDetection, GoldGrounding, PseudoGrounding, can_flip, parse_filename
-from glip.train.trainer import build_model, compute_loss, get_config, lr_factor, param_groups, train
+from glip.train.data import (
+    Collate,
+    InputSpec,
+    ItemOptions,
+    build_item,
+    can_flip,
+    open_source,
+)
+from glip.train.trainer import build_model, compute_loss, get_config, lr_factor, make_stream, param_groups, train
 
 # a micro model: 128 px inputs, one DyHead block (the architecture classes of the toy preset)
 MICRO = dict(min_size_test=128, max_size_test=128, num_dyhead_blocks=1, swin_embed_dim=16,
@@ -14,9 +22,14 @@ MICRO = dict(min_size_test=128, max_size_test=128, num_dyhead_blocks=1, swin_emb
 
 def micro(tmp_path, **kw):
     base = dict(model_overrides=MICRO, out=str(tmp_path / "run"), max_minutes=1e6, steps=4, batch_size=2,
-                n_gold_det=8, n_gold_ground=8, ckpt_every=2)
+                data=("world:gold_det:0:8:0.5", "world:gold_ground:0:8:0.5"), ckpt_every=2)
     base.update(kw)
     return get_config("tiny", **base)
+
+
+def world_item(cfg, split: str, i: int, flip_prob: float = 0.0, **opts):
+    src = open_source(f"world:{split}:0:16")
+    return build_item(src[i], src, np.random.default_rng(i), ItemOptions(flip_prob=flip_prob, **opts), InputSpec(cfg))
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +45,7 @@ def test_items_and_collate():
     from glip.config import get_preset
 
     cfg = get_preset("toy").replace(**MICRO)
-    items = [GoldDetection(cfg, 4)[0], GoldGrounding(cfg, 4)[1]]
+    items = [world_item(cfg, "gold_det", 0), world_item(cfg, "gold_ground", 1)]
     for it in items:
         assert it["image"].shape == (3, 128, 128)
         assert it["positive_map"].shape[0] == it["boxes"].shape[0] > 0
@@ -49,7 +62,6 @@ def test_items_and_collate():
 def test_flip_rules():
     assert not can_flip("a red circle to the left of a blue star.")
     assert can_flip("red circle. blue star")
-    assert parse_filename("web_s3_000012.png") == ("web", 3, 12)
 
 
 def test_lr_schedule():
@@ -67,7 +79,7 @@ def test_steps_reduce_loss(tmp_path):
     model.train()
     opt = torch.optim.AdamW(param_groups(model, tc), lr=2e-3)
     cfg = model.config
-    batch = Collate(cfg)([GoldDetection(cfg, 2, flip_prob=0)[i] for i in range(2)])
+    batch = Collate(cfg)([world_item(cfg, "gold_det", i) for i in range(2)])
     losses = []
     for _ in range(10):
         loss = compute_loss(model, batch, frozen_text=True)
@@ -109,18 +121,29 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_pseudo_dataset_uses_only_the_file(tmp_path):
+    """Regions come from the ODVG file, pixels from the image file it names (never re-rendered from the name);
+    regions under min_score are dropped, a record with none left yields no item."""
+    from PIL import Image
+
     from glip.config import get_preset
     from glip.data import make_sample, odvg_record, to_odvg
+    from glip.errors import ImageError
 
     s = make_sample("web", 0, 0)
     rec = odvg_record(s, scores=[0.9] * sum(len(p.box_ids) for p in s.phrases))
     rec["grounding"]["regions"][0]["bbox"] = [1.0, 2.0, 30.0, 40.0]  # a box the hidden truth does not have
     to_odvg([rec], tmp_path / "p.jsonl")
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (320, 320), (9, 200, 30)).save(tmp_path / "img" / rec["filename"])
     cfg = get_preset("toy").replace(**MICRO)
-    ds = PseudoGrounding(cfg, tmp_path / "p.jsonl", flip_prob=0)
-    item = ds[0]
+    src = open_source(f"odvg:{tmp_path / 'p.jsonl'}:{tmp_path / 'img'}")
+    item = build_item(src[0], src, np.random.default_rng(0), ItemOptions(flip_prob=0), InputSpec(cfg))
     assert torch.allclose(item["boxes"][0], torch.tensor([1.0, 2.0, 30.0, 40.0]) * 128 / 320)
-    assert len(PseudoGrounding(cfg, tmp_path / "p.jsonl", min_score=0.95)) == 0
+    assert float(item["image"][1].std()) < 1e-4  # the file's flat image, not the rendered scene
+    assert build_item(src[0], src, np.random.default_rng(0), ItemOptions(min_score=0.95), InputSpec(cfg)) is None
+    with pytest.raises(ImageError, match="not found"):  # no file: an error naming it, no re-rendering
+        bad = open_source(f"odvg:{tmp_path / 'p.jsonl'}:{tmp_path}")
+        build_item(bad[0], bad, np.random.default_rng(0), ItemOptions(), InputSpec(cfg))
 
 
 def test_dropout_off_by_default_on_when_asked(tmp_path):
@@ -131,21 +154,21 @@ def test_dropout_off_by_default_on_when_asked(tmp_path):
         tc = micro(tmp_path, train_dropout=flag, model_overrides={**MICRO, "swin_drop_path_rate": 0.3})
         model = build_model(tc).train()
         if b is None:
-            from glip.train.trainer import StepBatches
-            b = StepBatches(tc, model.config)[0]
+            b = make_stream(tc, model.config)[0][0]
         with torch.no_grad():
             l1, l2 = compute_loss(model, b, True).total, compute_loss(model, b, True).total
         assert (float(l1) == float(l2)) is (not flag)
 
 
 def test_train_config_names():
-    assert get_config("student").pseudo and get_config("student").init_from
+    pseudo = lambda n: [d for d in get_config(n).data if d.startswith("odvg:")]  # noqa: E731
+    assert pseudo("student") and get_config("student").init_from
     # the pipeline's hand-offs: teacher → student → student2 (each starts from the previous run's model)
     assert get_config("student").init_from == get_config("teacher").out + "/model"
     assert get_config("student2").init_from == get_config("student").out + "/model"
-    assert get_config("student2").pseudo != get_config("student").pseudo
+    assert pseudo("student2") != pseudo("student")
     assert get_config("student3").init_from == get_config("student2").out + "/model"
-    assert len({get_config(n).pseudo for n in ("student", "student2", "student3")}) == 3
+    assert len({tuple(pseudo(n)) for n in ("student", "student2", "student3")}) == 3
     with pytest.raises(ValueError):
         get_config("nope")
     assert dataclasses.asdict(get_config("teacher"))["steps"] > 0
@@ -183,7 +206,7 @@ def test_share_attribute_words_marks_every_occurrence_of_the_regions_own_attribu
     caption = "red circle. red square. blue circle. turquoise circle. big red star"
     find = lambda w, k=0: (lambda i: (i, i + len(w)))([i for i in range(len(caption)) if caption.startswith(w, i)][k])
     red_circle, turq_circle, big_red_star = [find("red circle")], [find("turquoise circle")], [find("big red star")]
-    got = share_attribute_words(caption, [red_circle, turq_circle, big_red_star])
+    got = share_attribute_words(caption, [red_circle, turq_circle, big_red_star], ATTRIBUTE_WORDS)
     text = lambda spans: sorted(caption[a:b] for a, b in spans)
     # red circle: its own span + the other "red"s and "circle"s, nothing else
     assert got[0][0] == red_circle[0]
@@ -194,7 +217,7 @@ def test_share_attribute_words_marks_every_occurrence_of_the_regions_own_attribu
     # size words are absolute in this world (a gap between the small and big ranges): shared like the rest
     assert text(got[2][1:]) == ["red", "red"]
     # the shared spans are whole words (no "red" inside "colored")
-    assert share_attribute_words("a red cube, colored", [[(2, 5)]]) == [[(2, 5)]]
+    assert share_attribute_words("a red cube, colored", [[(2, 5)]], ATTRIBUTE_WORDS) == [[(2, 5)]]
 
 
 def test_shared_words_reach_the_positive_map():
@@ -207,7 +230,7 @@ def test_shared_words_reach_the_positive_map():
     caption = "red circle. red square. blue circle"
     img = Image.new("RGB", (64, 64))
     plain = make_item(img, caption, [[(0, 10)]], [[1, 1, 9, 9]], spec)["positive_map"]
-    shared = make_item(img, caption, [[(0, 10)]], [[1, 1, 9, 9]], spec, share_words=True)["positive_map"]
+    shared = make_item(img, caption, [[(0, 10)]], [[1, 1, 9, 9]], spec, share_words=frozenset({"red", "circle"}))["positive_map"]
     assert plain.sum() == 2 and shared.sum() == 4  # one token per word: + "red" (of red square) + "circle"
     assert (shared >= plain).all()
 
@@ -219,15 +242,18 @@ def test_attribute_prompt_grounds_each_box_to_its_own_word():
     from glip.train.data import attribute_prompt
 
     seen = set()
+    src = open_source("world:gold_det:0:12")
     for i in range(12):
         s = make_sample("gold_det", i, 0)
-        caption, spans, boxes = attribute_prompt(s.objs, np.random.default_rng(i))
+        caption, regions = attribute_prompt(src[i], src.vocabularies, np.random.default_rng(i))
+        spans, boxes = [r.spans for r in regions], [r.box for r in regions]
         words = caption.split(". ")
         attr = "color" if set(words) == set(GOLD_COLORS) else "shape"
         assert sorted(words) == sorted(GOLD_COLORS if attr == "color" else GOLD_SHAPES)
         assert len(spans) == len(boxes) == len(s.objs)
-        for o, sp, b in zip(s.objs, spans, boxes):
-            assert caption[sp[0][0]:sp[0][1]] == getattr(o, attr) and tuple(b) == tuple(o.box)
+        by_box = {tuple(o.box): o for o in s.objs}
+        for sp, b in zip(spans, boxes):
+            assert caption[sp[0][0]:sp[0][1]] == getattr(by_box[tuple(b)], attr)
         seen.add(attr)
     assert seen == {"color", "shape"}
 
@@ -256,11 +282,13 @@ def test_whitened_text_projection_is_centred_decorrelated_and_keeps_the_default_
     from glip.config import get_preset
     from glip.model import GLIP
     from glip.prompts import tokenize
-    from glip.train.trainer import training_captions, whiten_text_projection
+    from glip.train.data import open_sources, training_prompts
+    from glip.train.trainer import whiten_text_projection
 
     torch.manual_seed(0)
     model = GLIP(get_preset("toy").replace(**MICRO)).eval()
-    captions = training_captions(get_config("tiny"), model.config, 40)
+    sources, weights = open_sources(get_config("teacher").data)
+    captions = training_prompts(sources, weights, 40, model.config.max_query_len)
     assert any(". " in c for c in captions[::2]) and len(set(captions)) > 30
     enc = tokenize(captions, max_len=model.config.max_query_len)
     with torch.no_grad():
@@ -297,9 +325,14 @@ def test_screened_out_pseudo_phrases_carry_no_loss(tmp_path):
     assert {caption[b:e] for b, e in ignored} >= {"a big turquoise star", "a blue circle"}
     assert all(e <= kept[0][0] or b >= kept[0][1] for b, e in ignored)
 
+    from PIL import Image
+
+    Image.new("RGB", (320, 320)).save(tmp_path / rec["filename"])
     cfg = get_preset("toy").replace(**MICRO)
-    item = PseudoGrounding(cfg, tmp_path / "p.jsonl", flip_prob=0, mask_unlabelled=True)[0]
-    plain = PseudoGrounding(cfg, tmp_path / "p.jsonl", flip_prob=0)[0]
+    src = open_source(f"odvg:{tmp_path / 'p.jsonl'}")
+    item = build_item(src[0], src, np.random.default_rng(0), ItemOptions(flip_prob=0), InputSpec(cfg))
+    plain = build_item(src[0], src, np.random.default_rng(0), ItemOptions(flip_prob=0, mask_unlabelled=False),
+                       InputSpec(cfg))
     tok = get_tokenizer()
     enc = tok(caption, return_offsets_mapping=True)
     words = {}
@@ -312,7 +345,7 @@ def test_screened_out_pseudo_phrases_carry_no_loss(tmp_path):
     assert torch.all(plain["loss_mask"] == 1)
     assert torch.all(item["loss_mask"][len(enc["input_ids"]):] == 1)  # padding is the attention mask's job
 
-    batch = Collate(cfg)([item, GoldGrounding(cfg, 2)[0]])
+    batch = Collate(cfg)([item, world_item(cfg, "gold_ground", 0)])
     assert torch.equal(batch["loss_mask"][1], batch["attention_mask"][1])
     assert torch.equal(batch["loss_mask"][0], batch["attention_mask"][0] * item["loss_mask"][:batch["loss_mask"].shape[1]])
     assert batch["loss_mask"][0].sum() < batch["attention_mask"][0].sum()

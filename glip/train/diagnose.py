@@ -44,7 +44,7 @@ def stage_features(model, n: int = 60, seed: int = 5) -> tuple[dict[str, np.ndar
         seen = {}
         hooks = [body.patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("grid", o.shape[-2:])),
                  body.patch_embed.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("pe", o)),
-                 body.register_forward_hook(lambda m, i, o: seen.__setitem__("C", o))]
+                 body.register_forward_hook(lambda m, i, o: seen.__setitem__("C", list(o)))]  # a copy: the backbone pops C2
         try:
             fpn = model.encode_image(x)
         finally:

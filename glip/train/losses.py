@@ -10,14 +10,17 @@ Three terms, summed:
 * ``centerness``: BCE-with-logits (sum) against the centerness targets,
   divided by ``max(num_pos, 1)``.
 
+Data-parallel runs pass a ``normalizer`` that averages these counts over the
+ranks (the official per-GPU averaging), which makes them exact (see `glip_loss`).
+
 Deviation, on purpose: the official code gives negative anchors a token row
 with only index 255 ("NoObj") set. That index is masked out by ``text_mask``
 unless the caption fills all 256 tokens, so here negatives get an all-zero
-row; the two agree whenever index 255 is padding. Single-process, so the
-official per-GPU averaging of normalisers reduces to the plain totals.
+row; the two agree whenever index 255 is padding.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -202,6 +205,7 @@ def glip_loss(
     reg_weight: float = 2.0,
     topk: int = 9,
     contrastive_weight: float = 0.0,
+    normalizer: Callable[[Tensor], Tensor] | None = None,
 ) -> GLIPLossOutput:
     """GLIP loss for a batch.
 
@@ -209,6 +213,12 @@ def glip_loss(
     ``centerness[l]`` (B, 1, H_l, W_l); ``anchors[l]`` (H_l*W_l, 4), shared by
     the batch. Each target holds ``boxes`` (G, 4) xyxy in the padded-image
     pixel frame and ``positive_map`` (G, T), binarised here.
+
+    ``normalizer`` maps this process's counts (positives, centerness-target sum,
+    contrastive anchors; float64) to their mean over the data-parallel ranks, as
+    the official code all-reduces them (``total_pos / num_gpus``). Each rank's
+    loss is then its sums over these means, and the ranks' averaged gradients
+    are those of one process holding the whole batch. Every rank calls it once.
     """
     logits = torch.cat(list(token_logits), dim=1)                # (B, A, T)
     reg = _flatten_maps(list(bbox_reg), 4)                       # (B, A, 4)
@@ -235,27 +245,52 @@ def glip_loss(
         pos_gt_boxes.append(boxes[matched[pos]])
 
     num_pos = int(sum(p.numel() for p in pos_anchor))
-    token = token_sigmoid_focal_loss(logits, token_targets, text_mask) / max(num_pos, 1)
+    token_sum = token_sigmoid_focal_loss(logits, token_targets, text_mask)
+    stats = torch.zeros(3, dtype=torch.float64, device=logits.device)
+    stats[0] = num_pos
+    if num_pos:
+        img, idx = torch.cat(pos_img), torch.cat(pos_anchor)
+        pos_anchors = all_anchors[idx]
+        # Official round trip: targets are encoded then decoded, so the dw/dh clamp applies to them too.
+        gt_boxes = box_coder.decode(box_coder.encode(torch.cat(pos_gt_boxes), pos_anchors), pos_anchors)
+        ctr_targets = centerness_targets(pos_anchors, gt_boxes)
+        stats[1] = ctr_targets.sum().double()
+        if contrastive_weight > 0:
+            con_sum, con_n = _token_softmax_terms(logits[img, idx], token_targets[img, idx], text_mask[img])
+            stats[2] = con_n
+    if normalizer is not None:
+        stats = normalizer(stats)
+    pos_norm, ctr_norm, con_norm = (float(v) for v in stats.cpu())
+    token = token_sum / max(pos_norm, 1.0)
 
     if num_pos == 0:  # keep the graph connected so every parameter gets a (zero) grad
         zero_reg, zero_ctr = reg.sum() * 0, ctr.sum() * 0
-        return GLIPLossOutput(token + zero_reg + zero_ctr, token, zero_reg, zero_ctr, 0)
+        contrastive = logits.sum() * 0 if contrastive_weight > 0 else None
+        total = token + zero_reg + zero_ctr + (contrastive if contrastive is not None else 0)
+        return GLIPLossOutput(total, token, zero_reg, zero_ctr, 0, contrastive)
 
-    img, idx = torch.cat(pos_img), torch.cat(pos_anchor)
-    pos_anchors = all_anchors[idx]
-    # Official round trip: targets are encoded then decoded, so the dw/dh clamp applies to them too.
-    gt_boxes = box_coder.decode(box_coder.encode(torch.cat(pos_gt_boxes), pos_anchors), pos_anchors)
-    ctr_targets = centerness_targets(pos_anchors, gt_boxes)
     pred_boxes = box_coder.decode(reg[img, idx], pos_anchors)
-
-    reg_loss = reg_weight * giou_loss(pred_boxes, gt_boxes, weight=ctr_targets) / ctr_targets.sum().clamp(min=1e-12)
-    ctr_loss = F.binary_cross_entropy_with_logits(ctr[img, idx], ctr_targets, reduction="sum") / num_pos
+    reg_loss = reg_weight * giou_loss(pred_boxes, gt_boxes, weight=ctr_targets) / max(ctr_norm, 1e-12)
+    ctr_loss = F.binary_cross_entropy_with_logits(ctr[img, idx], ctr_targets, reduction="sum") / max(pos_norm, 1.0)
     total = token + reg_loss + ctr_loss
     contrastive = None
     if contrastive_weight > 0:
-        contrastive = contrastive_weight * token_softmax_loss(logits[img, idx], token_targets[img, idx], text_mask[img])
+        contrastive = contrastive_weight * con_sum / max(con_norm, 1.0)
         total = total + contrastive
     return GLIPLossOutput(total, token, reg_loss, ctr_loss, num_pos, contrastive)
+
+
+def _token_softmax_terms(logits: Tensor, targets: Tensor, text_mask: Tensor) -> tuple[Tensor, int]:
+    """(sum over the positive anchors that name a valid token of the softmax cross-entropy, their count)."""
+    masked = logits.float().masked_fill(text_mask == 0, float("-inf"))
+    logp = F.log_softmax(masked, dim=-1).masked_fill(text_mask == 0, 0.0)
+    tgt = targets.float() * (text_mask > 0)
+    tgt = tgt / tgt.sum(-1, keepdim=True).clamp(min=1e-6)
+    keep = tgt.sum(-1) > 0
+    n = int(keep.sum())
+    if n == 0:
+        return logits.sum() * 0, 0
+    return -(tgt * logp).sum(-1)[keep].sum(), n
 
 
 def token_softmax_loss(logits: Tensor, targets: Tensor, text_mask: Tensor) -> Tensor:
@@ -265,12 +300,6 @@ def token_softmax_loss(logits: Tensor, targets: Tensor, text_mask: Tensor) -> Te
     Why: the sigmoid focal loss is minimised first by one "objectness" direction that raises every
     token at every object; a softmax over the prompt cancels that direction, so only what tells the
     prompt's words apart (colour against colour, shape against shape) lowers this term.
-    logits/targets (P, T), text_mask (P, T)."""
-    masked = logits.float().masked_fill(text_mask == 0, float("-inf"))
-    logp = F.log_softmax(masked, dim=-1).masked_fill(text_mask == 0, 0.0)
-    tgt = targets.float() * (text_mask > 0)
-    tgt = tgt / tgt.sum(-1, keepdim=True).clamp(min=1e-6)
-    keep = tgt.sum(-1) > 0
-    if not keep.any():
-        return logits.sum() * 0
-    return -(tgt * logp).sum(-1)[keep].mean()
+    logits/targets (P, T), text_mask (P, T). Mean over the anchors with a valid positive token."""
+    total, n = _token_softmax_terms(logits, targets, text_mask)
+    return total / max(n, 1)
