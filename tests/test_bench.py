@@ -18,7 +18,7 @@ KEYS = {"backbone", "language", "head_full", "head_cropped", "post", "predict", 
 
 @pytest.fixture(scope="module")
 def result():
-    return run_bench(height=96, width=128, runs=2, device="cpu", model=GLIP(SMALL), sizes=(64,))
+    return run_bench(height=96, width=128, runs=1, device="cpu", model=GLIP(SMALL), sizes=(64,))
 
 
 def test_rows_schema_and_flops(result):
