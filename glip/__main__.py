@@ -15,6 +15,7 @@ from .cli_args import (
     image_output,
     int_range,
     iou,
+    nonnegative_int,
     nonnegative_float,
     probability,
     run_command,
@@ -82,15 +83,28 @@ def cmd_parity(a) -> int:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import format_rows, run_bench
+    from .bench import format_compare, format_result, load_result, peak_rss_mb, run_bench
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ref = load_result(a.compare) if a.compare else None
+    sizes = tuple(int(s) for s in a.sizes.split(",") if s.strip()) if a.sizes else ()
     devices = [a.device] if a.device and a.device != "auto" else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if a.precision == "fp16" and any(not d.startswith("cuda") for d in devices):
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU (or --device cuda)")
+    results = []
     for dev in devices:
-        rows = run_bench(a.preset, a.height, a.width, a.runs, dev, a.precision)
-        print(format_rows(rows, f"{a.preset} {a.height}x{a.width} on {dev} ({torch.get_num_threads()} threads), "
-                                f"{a.precision}, {a.runs} runs"))
+        res = run_bench(a.preset, a.height, a.width, a.runs, dev, a.precision, sizes=sizes)
+        if a.rss and dev == "cpu":
+            res.meta["peak_rss_mb"] = peak_rss_mb(a.preset, a.height, a.width, a.precision)
+        results.append(res)
+        if not a.json:
+            print(format_result(res))
+            if ref is not None:
+                print(format_compare(res, ref))
+    if a.json:
+        out = [r.to_json() for r in results]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=1))
     return 0
 
 
@@ -133,13 +147,18 @@ def build_parser() -> Parser:
     s.add_argument("--tf32", action="store_true", help="leave TF32 on (CUDA; expect mismatches at 1e-4)")
     s.set_defaults(fn=cmd_parity)
 
-    s = sub.add_parser("bench", help="time the stages and the cached paths")
+    s = sub.add_parser("bench", help="time, FLOPs and compute floor of every stage and of the cached paths")
     s.add_argument("--preset", default="glip-t", choices=sorted(PRESETS))
     s.add_argument("--height", type=int_range(32, 8192), default=800)
     s.add_argument("--width", type=int_range(32, 8192), default=1333)
     s.add_argument("--runs", type=int_range(1, 1000), default=3)
     s.add_argument("--device", type=device, default=None, help="cpu or cuda[:N] (default: every device present)")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
+    s.add_argument("--sizes", default="", help="also predict at these shorter sides, e.g. 480,640,800")
+    s.add_argument("--rss", action="store_true", help="also measure the peak RSS of a fresh process")
+    s.add_argument("--json", action="store_true", help="print the result as JSON (for --compare later)")
+    s.add_argument("--compare", default=None, metavar="REF.json", help="print speed-ups against an earlier --json run")
     s.set_defaults(fn=cmd_bench)
 
     from .cli_data import add_commands as add_data_commands  # label, eval

@@ -1,22 +1,97 @@
-"""`python -m glip bench`: where the time goes, stage by stage, and what the caches save.
+"""`python -m glip bench`: where the time goes, stage by stage, against what the machine can do.
 
-Random weights (timing does not depend on them), a synthetic 800×1333 image, a 10-name prompt.
-Prints min / median over `runs` repetitions; compare versions within one run, never across machines.
+Random weights (timing does not depend on them), a synthetic image (800×1333 by default), a
+10-name prompt. For every stage: min / median seconds over `runs` repetitions, the FLOPs it
+executes (counted by `torch.utils.flop_counter`, matrix products and convolutions), and its floor:
+those FLOPs at the dense GEMM rate of this machine, measured in the same process (a 2048³
+matmul, best of a few). time ÷ floor says how far a stage is from its compute bound. Compare
+versions within one run or by `--compare` against a JSON written on the same machine, never
+across machines.
 """
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 
 from .config import get_preset
 from .model import GLIP
 from .postprocess import atss_postprocess
+from .predictor import _autocast
 from .prompts import from_categories, positive_map, tokenize
 
 NAMES = ["person", "bicycle", "car", "dog", "cat", "traffic light", "chair", "cup", "bottle", "potted plant"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Row:
+    key: str              # stable id (what --compare matches on)
+    name: str
+    min_s: float
+    median_s: float
+    gflop: float          # as executed, counted
+    floor_s: float        # gflop at the measured GEMM rate
+
+    @property
+    def over_floor(self) -> float:
+        return self.min_s / self.floor_s if self.floor_s > 0 else float("nan")
+
+
+@dataclass
+class BenchResult:
+    meta: dict
+    rows: list[Row] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"meta": self.meta, "rows": [dict(asdict(r), over_floor=r.over_floor) for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BenchResult":
+        fields = {f for f in Row.__dataclass_fields__}
+        return cls(d["meta"], [Row(**{k: v for k, v in r.items() if k in fields}) for r in d["rows"]])
+
+
+# The CPU flash-attention kernel (Swin's window attention) has no formula in torch's FLOP counter.
+_SDPA_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _SDPA_CPU is not None and _SDPA_CPU not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(_SDPA_CPU)
+    def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn (matrix products, convolutions, attention), as executed."""
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, tries: int = 5) -> float:
+    """Dense matmul FLOP/s of this machine now (n³, best of `tries`)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = _sync(device)
+    a @ b
+    best = float("inf")
+    for _ in range(tries):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def _sync(dev: torch.device):
+    return (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
 
 
 def _time(fn, runs: int, sync) -> tuple[float, float]:
@@ -31,12 +106,16 @@ def _time(fn, runs: int, sync) -> tuple[float, float]:
 
 
 def run_bench(preset: str = "glip-t", height: int = 800, width: int = 1333, runs: int = 3, device: str | None = None,
-              precision: str = "fp32", model: GLIP | None = None) -> list[tuple[str, float, float]]:
+              precision: str = "fp32", model: GLIP | None = None, sizes: tuple[int, ...] = ()) -> BenchResult:
+    """Every stage timed (min / median of `runs`), counted and set against the measured GEMM rate.
+    `sizes`: extra rows, `predict` with the shorter side resized to each size (the app's input sizes)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
+    label = preset if model is None else model.config.name
     model = (model or GLIP(get_preset(preset))).eval().to(dev)
     cfg = model.config
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    sync = _sync(dev)
+    rate = gemm_rate(dev, DTYPES.get(precision, torch.float32))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     prompt = from_categories(NAMES)
@@ -47,48 +126,131 @@ def run_bench(preset: str = "glip-t", height: int = 800, width: int = 1333, runs
     entry = pred.prepare_image(image, min_size=min(height, width), max_size=max(height, width))
     x = entry.tensor[None].to(dev)
     x = torch.nn.functional.pad(x, (0, -x.shape[-1] % 32, 0, -x.shape[-2] % 32))
-    rows = []
-    amp = torch.autocast(dev.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16) \
-        if precision != "fp32" else torch.autocast(dev.type, enabled=False)
-    with torch.no_grad(), amp:
+    staged: list[tuple[str, str, object]] = []  # (key, name, fn)
+    with torch.no_grad(), _autocast(dev, precision):
         feats = model.encode_image(x)
         text = model.encode_text(ids, mask)
-        head = model.ground(feats, text)
-        anchors = model.anchors(feats)
-        rows.append(("backbone (Swin + FPN)", *_time(lambda: model.encode_image(x), runs, sync)))
         n = int(mask.sum())
         text_c = model.encode_text(ids[:, :n], mask[:, :n])
-        rows.append((f"language (BERT, {ids.shape[1]} tokens)", *_time(lambda: model.encode_text(ids, mask), runs, sync)))
-        rows.append((f"head (DyHead + S_ground, {ids.shape[1]} tokens)", *_time(lambda: model.ground(feats, text), runs, sync)))
-        rows.append((f"head, text cropped to the prompt ({n} tokens)", *_time(lambda: model.ground(feats, text_c), runs, sync)))
-        post = lambda: atss_postprocess([t[0] for t in head.token_logits], [t[0] for t in head.bbox_reg],  # noqa: E731
-                                        [t[0] for t in head.centerness], anchors, pmap, entry.hw, model.box_coder)
-        rows.append(("post-processing (ATSS + NMS)", *_time(post, runs, sync)))
+        head = model.ground(feats, text)
+        anchors = model.anchors(feats)
+    staged += [
+        ("backbone", "backbone (Swin + FPN)", lambda: model.encode_image(x)),
+        ("language", f"language (BERT, {ids.shape[1]} tokens)", lambda: model.encode_text(ids, mask)),
+        ("head_full", f"head (DyHead + S_ground, {ids.shape[1]} tokens)", lambda: model.ground(feats, text)),
+        ("head_cropped", f"head, text cropped to the prompt ({n} tokens)", lambda: model.ground(feats, text_c)),
+        ("post", "post-processing (ATSS + NMS)",
+         lambda: atss_postprocess([t[0] for t in head.token_logits], [t[0] for t in head.bbox_reg],
+                                  [t[0] for t in head.centerness], anchors, pmap, entry.hw, model.box_coder)),
+    ]
+    rows = []
+    for key, name, fn in staged:
+        def call(fn=fn):
+            with torch.no_grad(), _autocast(dev, precision):
+                fn()
+        rows.append(_row(key, name, call, runs, sync, rate))
+
     kw = dict(min_size=min(height, width), max_size=max(height, width), precision=precision)
-    names2 = NAMES[::-1]
 
     def fresh():
         pred.clear_cache()
         pred.predict(image, NAMES, **kw)
-    rows.append(("predict, nothing cached", *_time(fresh, runs, sync)))
-    pred.predict(image, NAMES, **kw)
 
     def new_prompt():
         pred.clear_cache(image=False)  # keep the image features
-        pred.predict(image, names2, **kw)
-    rows.append(("predict, same image / new prompt", *_time(new_prompt, runs, sync)))
+        pred.predict(image, NAMES[::-1], **kw)
+
     image2 = image[::-1].copy()
 
     def new_image():
         pred.clear_cache(text=False)  # keep the text features
         pred.predict(image2, NAMES, **kw)
-    rows.append(("predict, same prompt / new image", *_time(new_image, runs, sync)))
+
+    def rethreshold():
+        pred.predict(image, NAMES, threshold=0.3, **kw)
+
+    rows.append(_row("predict", "predict, nothing cached", fresh, runs, sync, rate))
     pred.predict(image, NAMES, **kw)
-    rows.append(("predict, re-threshold (cached head)", *_time(lambda: pred.predict(image, NAMES, threshold=0.3, **kw), runs, sync)))
-    return rows
+    rows.append(_row("new_prompt", "predict, same image / new prompt", new_prompt, runs, sync, rate))
+    rows.append(_row("new_image", "predict, same prompt / new image", new_image, runs, sync, rate))
+    pred.predict(image, NAMES, **kw)
+    rows.append(_row("rethreshold", "predict, re-threshold (cached head)", rethreshold, runs, sync, rate))
+    for s in sizes:
+        size_kw = dict(kw, min_size=s, max_size=round(s * max(height, width) / min(height, width)))
+
+        def at_size(size_kw=size_kw):
+            pred.clear_cache()
+            pred.predict(image, NAMES, **size_kw)
+        h, w = pred.prepare_image(image, size_kw["min_size"], size_kw["max_size"]).hw
+        rows.append(_row(f"predict_{s}", f"predict at {h}×{w}, nothing cached", at_size, runs, sync, rate))
+    rate = max(rate, gemm_rate(dev, DTYPES.get(precision, torch.float32)))  # the machine's best of both ends
+    for r in rows:
+        r.floor_s = r.gflop * 1e9 / rate
+    meta = dict(preset=label, height=height, width=width, runs=runs,
+                device=str(dev), threads=torch.get_num_threads(), precision=precision, torch=torch.__version__,
+                gemm_gflops=rate / 1e9, tokens=int(ids.shape[1]), prompt_tokens=n)
+    return BenchResult(meta, rows)
 
 
-def format_rows(rows, title: str) -> str:
-    out = [title, f"{'stage':40s} {'min s':>9s} {'median s':>9s}"]
-    out += [f"{name:40s} {mn:9.3f} {md:9.3f}" for name, mn, md in rows]
+def _row(key, name, fn, runs, sync, rate) -> Row:
+    flops = count_flops(fn)  # also the warm-up (first-call allocations, kernel selection)
+    mn, md = _time(fn, runs, sync)
+    return Row(key, name, mn, md, flops / 1e9, flops / rate)
+
+
+def peak_rss_mb(preset: str = "glip-t", height: int = 800, width: int = 1333, precision: str = "fp32") -> float:
+    """Peak resident memory of a fresh process that builds the model, predicts once to warm up and once
+    more (nothing cached), in MB (ru_maxrss)."""
+    code = (
+        "import resource, numpy as np, torch\n"
+        "from glip import GLIP, get_preset\n"
+        "from glip.bench import NAMES\n"
+        f"m = GLIP(get_preset({preset!r})).eval()\n"
+        f"img = np.random.default_rng(0).integers(0, 255, ({height}, {width}, 3), dtype=np.uint8)\n"
+        f"kw = dict(min_size={min(height, width)}, max_size={max(height, width)}, precision={precision!r})\n"
+        "m.predict(img, NAMES, **kw); m.predictor.clear_cache(); m.predict(img, NAMES, **kw)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def format_result(res: BenchResult, title: str | None = None) -> str:
+    m = res.meta
+    title = title or (f"{m['preset']} {m['height']}x{m['width']} on {m['device']} ({m['threads']} threads), "
+                      f"{m['precision']}, {m['runs']} runs; dense GEMM {m['gemm_gflops']:.0f} GFLOP/s")
+    out = [title, f"{'stage':44s} {'min s':>8s} {'median s':>8s} {'GFLOP':>8s} {'floor s':>8s} {'÷ floor':>7s}"]
+    out += [f"{r.name:44s} {r.min_s:8.3f} {r.median_s:8.3f} {r.gflop:8.1f} {r.floor_s:8.3f} {_ratio(r):>7s}"
+            for r in res.rows]
+    if "peak_rss_mb" in m:
+        out.append(f"peak RSS of a fresh process (build, warm-up, 1 predict): {m['peak_rss_mb']:.0f} MB")
     return "\n".join(out)
+
+
+def format_compare(new: BenchResult, ref: BenchResult) -> str:
+    """Speed-up of `new` over `ref` per stage (ref time ÷ new time), FLOPs ratio, and the change of time ÷ floor
+    (which discounts a change of the machine's GEMM rate between the two runs)."""
+    by_key = {r.key: r for r in ref.rows}
+    out = [f"against {ref.meta.get('preset')} {ref.meta.get('height')}x{ref.meta.get('width')} "
+           f"(GEMM {ref.meta.get('gemm_gflops', float('nan')):.0f} GFLOP/s then, {new.meta['gemm_gflops']:.0f} now)",
+           f"{'stage':44s} {'ref s':>8s} {'new s':>8s} {'speed-up':>8s} {'FLOP new/ref':>12s} {'÷floor ref→new':>15s}"]
+    for r in new.rows:
+        o = by_key.get(r.key)
+        if o is None:
+            continue
+        flop = f"{r.gflop / o.gflop:12.2f}" if o.gflop else f"{'-':>12s}"
+        out.append(f"{r.name:44s} {o.min_s:8.3f} {r.min_s:8.3f} {speedup(o, r):7.2f}x {flop} {_ratio(o):>7s} → {_ratio(r):>5s}")
+    return "\n".join(out)
+
+
+def _ratio(r: Row) -> str:
+    return f"{r.over_floor:.2f}" if r.floor_s >= 1e-3 else "-"  # no floor to speak of (post-processing)
+
+
+def speedup(ref: Row, new: Row) -> float:
+    return ref.min_s / new.min_s if new.min_s > 0 else float("nan")
+
+
+def load_result(path) -> BenchResult:
+    with open(path) as f:
+        return BenchResult.from_json(json.load(f))

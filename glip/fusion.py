@@ -68,8 +68,8 @@ class BiMultiHeadAttention(nn.Module):
     def macs(self, n_img: int, n_tok: int, reassociated: bool) -> int:
         """Multiply-adds of the image-side products per image (the text projections are common to both)."""
         C, E, H = self.v_proj.in_features, self.v_proj.out_features, self.num_heads
-        if reassociated:  # fold the text through 3 visual weights, then 3 products over (N, heads·T, C)
-            return 3 * n_tok * E * C + 3 * n_img * H * n_tok * C
+        if reassociated:  # fold the text through 3 visual weights (+ the query bias), then 3 products over (N, heads·T, C)
+            return 3 * n_tok * E * C + n_tok * E + 3 * n_img * H * n_tok * C
         return 3 * n_img * C * E + 3 * n_img * n_tok * E  # 3 projections over N, then 3 products over (N, T, E)
 
     def reassociates(self, n_img: int, n_tok: int) -> bool:
