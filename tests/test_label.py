@@ -210,6 +210,10 @@ def test_shards_i_of_n_split_the_corpus(model, corpus, tmp_path):
            rejects(tmp_path / "whole", ["rejects.jsonl"])
     assert [r.caption for r in open_dataset(f"odvg:{tmp_path / 'whole'}")] == \
            [r.caption for r in open_dataset(f"odvg:{tmp_path / 'split'}")]
+    from glip.data import from_odvg  # what the toy chain's trainer reads (`--pseudo OUT`)
+
+    assert [r["grounding"]["caption"] for r in from_odvg(tmp_path / "split")] == \
+           [r.caption for r in open_dataset(f"odvg:{tmp_path / 'whole'}")] and len(from_odvg(tmp_path / "whole")) == 3
 
 
 def test_resume_refuses_other_settings(model, tmp_path):
