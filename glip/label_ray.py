@@ -57,6 +57,7 @@ class RayConfig:
     gpus_per_actor: float = 0.0         # 0: CPU actors; 0.25: four actors share a GPU; 2: two GPUs each
     threads_per_actor: int | None = None  # torch threads = CPUs asked per actor (None: see `plan_actors`)
     retries: int = 3                    # runs of a shard again after its worker died, before the run stops
+    shards_per_actor: int = 2           # shards in flight on one actor: the next one decodes while one computes
     prefetch: int = 32                  # pairs each actor decodes ahead of its model (a background thread)
 
     def validate(self) -> "RayConfig":
@@ -75,6 +76,8 @@ class RayConfig:
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
         if self.prefetch < 0:
             raise ConfigError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.shards_per_actor < 1:
+            raise ConfigError(f"shards per actor must be >= 1, got {self.shards_per_actor}")
         return self
 
 
@@ -197,15 +200,24 @@ def ray_node() -> str:
 
 
 def engine_figures(results: list[dict], wall_s: float, actors: int) -> dict:
-    """How busy the workers were: the median gap between two shards on one worker (the dispatch cost
-    a shard pays: its result back to the driver, the next shard out) and the fraction of the actors'
-    time spent inside shards (the rest: gaps, and actors idle at the end while the last shards finish)."""
+    """How busy the workers were: the median idle gap of a worker between two stretches of shards (what
+    handing out a shard costs: its result back to the driver, the next shard out; with several shards in
+    flight per worker, usually none) and the fraction of the workers' time with a shard in hand (the
+    rest: those gaps, and workers idle at the end while the last shards finish)."""
     by_worker: dict[str, list[tuple[float, float]]] = {}
     for r in results:
         by_worker.setdefault(r["worker"], []).append((r["start"], r["end"]))
-    gaps = [b[0] - a[1] for spans in by_worker.values() for a, b in zip(sorted(spans), sorted(spans)[1:])]
-    busy = sum(r["end"] - r["start"] for r in results)
-    return {"shard_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
+    gaps, busy = [], 0.0
+    for spans in by_worker.values():
+        merged: list[list[float]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        gaps += [b[0] - a[1] for a, b in zip(merged, merged[1:])]
+        busy += sum(b - a for a, b in merged)
+    return {"shard_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else 0.0,
             "busy": round(busy / (wall_s * actors), 3) if wall_s > 0 and actors else None}
 
 
@@ -296,7 +308,8 @@ def label_ray(model: str, data: str | Dataset, out: str | Path, settings: LabelS
                         model_name=model_name, **kw)
         todo = list(plan.todo())
         remote = ray_mod.remote(ShardLabeller).options(num_cpus=place.threads, num_gpus=place.gpus,
-                                                       max_restarts=-1, max_task_retries=cfg.retries)
+                                                       max_restarts=-1, max_task_retries=cfg.retries,
+                                                       max_concurrency=cfg.shards_per_actor)
         board_name = f"glip-label-progress-{os.getpid()}-{time.time_ns()}"
         board = ray_mod.remote(ProgressBoard).options(num_cpus=0, name=board_name).remote()
         n_actors = max(1, min(place.actors, len(todo)))
@@ -304,7 +317,8 @@ def label_ray(model: str, data: str | Dataset, out: str | Path, settings: LabelS
                                 board_name, os.environ.get(DIE_ONCE_ENV) or None, os.getcwd()) for _ in range(n_actors if todo else 0)]
         ready = ray_mod.get([a.ready.remote() for a in actors])
         t_ready = time.perf_counter() - t_start
-        counts, reasons, n_done, seconds, figures = _drive(ray_mod, plan, todo, actors, board, progress, cfg.retries)
+        counts, reasons, n_done, seconds, figures = _drive(ray_mod, plan, todo, actors, board, progress, cfg.retries,
+                                                           cfg.shards_per_actor)
     except ray_mod.exceptions.RayTaskError as e:
         err = _unwrap(ray_mod, e)
         if err is e:
@@ -321,7 +335,7 @@ def label_ray(model: str, data: str | Dataset, out: str | Path, settings: LabelS
                        **figures)
 
 
-def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: int):
+def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: int, per_actor: int = 1):
     """Hand the shards to the actors, record each in the manifest as it returns, show progress."""
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -353,7 +367,7 @@ def _drive(ray, plan, todo: list, actors: list, board, progress: bool, retries: 
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    pool = ActorPool(actors)
+    pool = ActorPool([a for a in actors for _ in range(per_actor)])  # an actor listed k times: k shards in flight
     for s in todo:
         pool.submit(lambda a, s: a.label.remote(s), s)
     try:

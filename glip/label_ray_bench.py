@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     if n > 1:
         engines[f"ray {n} actors x 1 thread"] = RayConfig(actors=n, threads_per_actor=1)
         engines["local 1 thread"] = 1  # one worker's rate alone: what n single-thread actors can at best multiply
+    engines[f"ray 1 actor x {n} threads, 1 shard in flight"] = RayConfig(actors=1, threads_per_actor=n,
+                                                                         shards_per_actor=1)
     rows: dict[str, list[dict]] = {k: [] for k in engines}
     reference = None
     for rep in range(a.repeats):
@@ -74,27 +76,28 @@ def main(argv=None) -> int:
             out = work / f"out-{rep}-{len(rows[name])}-{name.replace(' ', '_')}"
             if isinstance(cfg, int):
                 torch.set_num_threads(cfg)
+                model.predictor.clear_cache()  # a repeat would hit the predictor's caches (Ray's actors start fresh)
                 s = label(model, corpus, out, model_name=a.model, progress=False, **settings)
             else:
                 s = label_ray(a.model, corpus, out, config=cfg, model_name=a.model, progress=False, **settings)
             t = s["this_run"]
             row = {"pairs_per_s": t["pairs_per_s"], "seconds": t["seconds"]}
-            if cfg is not None:
+            if isinstance(cfg, RayConfig):
                 row.update(startup_s=t["startup_s"], model_load_s=t["model_load_s"],
                            shard_gap_s=t["shard_gap_s"], busy=t["busy"])
             files = _odvg(out)
             reference = reference or files
             row["identical"] = files == reference
             rows[name].append(row)
-            print(f"[{rep}] {name:28s} {json.dumps(row)}", flush=True)
+            print(f"[{rep}] {name:44s} {json.dumps(row)}", flush=True)
 
     base = statistics.median(r["pairs_per_s"] for r in rows[next(iter(rows))])
     print(f"\n{a.pairs} pairs in {-(-a.pairs // a.shard_size)} shards of {a.shard_size}, batch {a.batch_size}, "
           f"{a.model}, {a.repeats} repeats (min / median); ray.init {init_s:.1f} s")
-    print(f"{'engine':28s} {'pairs/s':>15s} {'vs local':>9s} {'start-up s':>14s} {'shard gap s':>16s} identical")
+    print(f"{'engine':44s} {'pairs/s':>15s} {'vs local':>9s} {'start-up s':>14s} {'shard gap s':>16s} identical")
     for name, rs in rows.items():
         pps = [r["pairs_per_s"] for r in rs]
-        line = f"{name:28s} {min(pps):6.2f} / {statistics.median(pps):6.2f} {statistics.median(pps) / base:9.2f}"
+        line = f"{name:44s} {min(pps):6.2f} / {statistics.median(pps):6.2f} {statistics.median(pps) / base:9.2f}"
         if "startup_s" in rs[0]:
             su = [r["startup_s"] for r in rs]
             ov = [r["shard_gap_s"] for r in rs if r["shard_gap_s"] is not None]

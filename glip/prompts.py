@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -244,14 +245,21 @@ _TOKEN_RE = re.compile(
 )
 
 
+_NP_TOOLS_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _np_tools():
     """The Pattern tagger (lexicon bundled in textblob, offline) and the official NP chunker; loaded lazily because
-    importing nltk/textblob takes about a second."""
+    importing nltk/textblob takes about a second. textblob fills its lexicon on first use, and a thread that
+    tags meanwhile reads it half-filled (wrong phrases): the first use happens here, under a lock."""
     import nltk
     from textblob.en.taggers import PatternTagger
 
-    return PatternTagger(), nltk.RegexpParser(NP_GRAMMAR)
+    with _NP_TOOLS_LOCK:
+        tagger = PatternTagger()
+        tagger.tag("a man rides the small red zyxwv circles", tokenize=False)
+        return tagger, nltk.RegexpParser(NP_GRAMMAR)
 
 
 _DETERMINER_TAGS = ("DT", "PRP$")  # "a", "the", "her": what starts a verb's object

@@ -37,6 +37,23 @@ def test_import_glip_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True, env=_env(), cwd=REPO, timeout=120)
 
 
+def test_noun_phrases_from_concurrent_first_calls():
+    """An actor labels two shards at once (threads): their first noun-phrase calls race on the tagger's lazy
+    lexicon. In a fresh process, four threads must find the phrases one thread finds."""
+    code = """
+import threading
+from glip.prompts import noun_phrases
+caps = ["a big turquoise star and the small red circle", "a man rides a horse", "an orange cross"] * 10
+res = {}
+ts = [threading.Thread(target=lambda k=k: res.__setitem__(k, [noun_phrases(c) for c in caps])) for k in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+ref = [noun_phrases(c) for c in caps]
+assert all(v == ref for v in res.values()), {k: sum(a != b for a, b in zip(v, ref)) for k, v in res.items()}
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), cwd=REPO, timeout=120)
+
+
 ONE_NODE = [{"CPU": 2.0}]
 GPU_NODES = [{"CPU": 16.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
 
