@@ -251,8 +251,8 @@ def connect(address: str | None):
         return ray, False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kw: dict = {"logging_level": logging.WARNING}
-    if address == "local":
-        kw["include_dashboard"] = False
+    if address == "local":  # a private instance on the loopback interface: nothing listens on the network
+        kw.update(include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     settings = dict(batch_size=a.batch_size)
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level="warning",
+             _node_ip_address="127.0.0.1")
     init_s = time.perf_counter() - t0
 
     torch.set_num_threads(n)

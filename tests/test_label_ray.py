@@ -137,7 +137,7 @@ def local_out(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": _env()["PYTHONPATH"]}})
     yield ray
     ray.shutdown()
