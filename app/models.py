@@ -39,7 +39,7 @@ FALLBACK_NOTE = ("**Demo mode:** the shipped toy models (`assets/{names}`) are n
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GLIP_CACHE") or Path.home() / ".cache" / "glip-explorer")
+    return hub.default_cache()
 
 
 def device() -> torch.device:

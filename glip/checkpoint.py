@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -348,18 +347,16 @@ def read_pretrained(src, config=None) -> Pretrained:
 
 
 def hf_download(spec: str) -> str:
-    """'owner/repo/file.pth' (optionally 'hf://…') → local path via huggingface_hub (online only)."""
-    spec = spec.removeprefix("hf://")
-    owner, repo, filename = spec.split("/", 2)
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    """'owner/repo/file.pth' (optionally 'hf://…') → a local path: the Hugging Face cache's copy when one is
+    there, else a resumable download (`glip.download`, progress on stderr) into the model cache."""
+    from . import download as dl
+
+    owner, repo, filename = spec.removeprefix("hf://").split("/", 2)
+    local = dl.cached_file(f"{owner}/{repo}", filename)
+    if local is not None:
+        return str(local)
+    if dl.offline():
         raise CheckpointError(f"{spec}: downloading from Hugging Face is disabled (HF_HUB_OFFLINE is set); "
                               "download the .pth yourself and pass its path")
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as e:
-        raise CheckpointError("Downloading from Hugging Face needs `pip install huggingface_hub`") from e
-    try:
-        return hf_hub_download(f"{owner}/{repo}", filename)
-    except Exception as e:
-        raise CheckpointError(f"Could not download {spec} from Hugging Face ({e.__class__.__name__}): "
-                              "are you online? Otherwise download it yourself and pass the path") from e
+    dest = dl.default_cache() / "downloads" / f"{owner}--{repo}" / filename
+    return str(dl.download(dl.resolve_url(f"{owner}/{repo}", filename), dest, dl.console_progress(filename)))

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, PromptError
@@ -176,6 +177,19 @@ def _category_prompt(names: list[str], style: str) -> Prompt:
         if trailing or i != len(names) - 1:
             caption += separator
     return Prompt(caption, list(names), spans, style=style)
+
+
+def pick_negatives(present, absent: list[str], k: int, rng, hard_weight: float = 1.0) -> list[str]:
+    """`k` of the `absent` category names, without replacement, for a detection prompt. hard_weight > 1 draws
+    those that share a word with a `present` name (a confusable "red square" next to a red circle) that many
+    times more often: the contrasts a category-list prompt asks the model to make."""
+    if hard_weight == 1.0:
+        picked = rng.choice(len(absent), k, replace=False)
+    else:
+        words = {w for name in present for w in name.split()}
+        w = np.array([hard_weight if words & set(c.split()) else 1.0 for c in absent])
+        picked = rng.choice(len(absent), k, replace=False, p=w / w.sum())
+    return [absent[j] for j in picked]
 
 
 def from_categories(names: list[str], style: str = "demo") -> Prompt:

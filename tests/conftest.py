@@ -36,3 +36,24 @@ def tiny_model(tiny_fixture):
     from glip import GLIP
 
     return GLIP.from_pretrained(tiny_fixture / "model.pth", config=tiny_fixture / "config.json")
+
+
+# --- a local stand-in for the Hugging Face Hub (tests/test_hub.py), shared by the hub and app tests ----------
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory) -> bytes:
+    from test_hub import official_checkpoint
+
+    return official_checkpoint(tmp_path_factory.mktemp("ckpt") / "official.pth").read_bytes()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    from test_hub import FakeHub
+
+    h = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no preloaded files from the machine
+    yield h
+    h.close()
+

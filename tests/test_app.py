@@ -28,7 +28,7 @@ from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_hub import FakeHub, official_checkpoint, small_release
+from test_hub import small_release
 
 import app as app_pkg
 from app import render
@@ -89,21 +89,6 @@ def client(server):
     c = Client(server.local_url, verbose=False)
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def checkpoint_bytes(tmp_path_factory) -> bytes:
-    return official_checkpoint(tmp_path_factory.mktemp("ckpt") / "official.pth").read_bytes()
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    h = FakeHub()
-    monkeypatch.setenv("HF_ENDPOINT", h.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    yield h
-    h.close()
 
 
 def _rss_mb() -> float:

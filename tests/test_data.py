@@ -1,7 +1,6 @@
 """Tests for the synthetic grounding world (glip/data)."""
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -294,9 +293,3 @@ def test_export_command_writes_real_files_that_read_back(tmp_path, capsys):
     assert main(["test_det", "2", str(tmp_path / "legacy"), "--seed", "1"]) == 0  # the earlier form
     assert (tmp_path / "legacy" / "test_det" / "coco.json").is_file()
 
-
-def test_generation_speed():
-    t = time.perf_counter()
-    make_split("gold_ground", 20, seed=99)
-    ms = (time.perf_counter() - t) / 20 * 1000
-    print(f"\nsynthetic world: {ms:.1f} ms per 320x320 sample")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import glip.download
 from glip import GLIP, GLIPConfig, get_preset, hub
 from glip.errors import CheckpointError
 
@@ -137,19 +138,6 @@ class FakeHub:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def checkpoint_bytes(tmp_path_factory) -> bytes:
-    return official_checkpoint(tmp_path_factory.mktemp("ckpt") / "official.pth").read_bytes()
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    h = FakeHub()
-    monkeypatch.setenv("HF_ENDPOINT", h.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no preloaded files from the machine
-    yield h
-    h.close()
 
 
 # --- URLs, offline ---------------------------------------------------------------------------------------------
@@ -240,7 +228,7 @@ def test_a_disk_that_fills_up_mid_download_says_so(fake_hub, tmp_path, monkeypat
                 raise OSError(errno.ENOSPC, "No space left on device")
             self.f.write(buf)
 
-    monkeypatch.setattr(hub, "_open_part", Full)
+    monkeypatch.setattr(glip.download, "_open_part", Full)
     with pytest.raises(CheckpointError, match="disk filled up while downloading f.bin"):
         hub.download(hub.resolve_url("o/r", "f.bin"), tmp_path / "f.bin")
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from glip.data import KNOWN_WORDS, from_odvg, make_sample, odvg_record, to_odvg
+from glip.data.judge import by_word, judge_regions, pseudo_label_precision, sweep
 from glip.datasets import open_dataset
 from glip.errors import ConfigError
 from glip.label import ARTICLES, LabelSettings, known_word_prompt, label_shard
-from glip.pseudo import by_word, judge_regions, pseudo_label_precision, sweep
 
 
 def test_truth_records_have_precision_one(tmp_path):

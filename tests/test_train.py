@@ -201,7 +201,8 @@ def test_stage_features_one_row_per_object():
 
 
 def test_share_attribute_words_marks_every_occurrence_of_the_regions_own_attributes():
-    from glip.train.data import ATTRIBUTE_WORDS, share_attribute_words
+    from glip.data import KNOWN_WORDS as ATTRIBUTE_WORDS
+    from glip.train.data import share_attribute_words
 
     caption = "red circle. red square. blue circle. turquoise circle. big red star"
     find = lambda w, k=0: (lambda i: (i, i + len(w)))([i for i in range(len(caption)) if caption.startswith(w, i)][k])

@@ -48,7 +48,7 @@ def teacher_labels(teacher, vocab: frozenset[str] | None, image, prompt, thresho
     try:
         from glip.label import known_word_prompt
     except ImportError:
-        from glip.pseudo import known_word_prompt
+        from glip.label import known_word_prompt
 
     scoring = known_word_prompt(prompt, vocab) if vocab else prompt
     res = dataclasses.replace(teacher.predict(image, scoring, threshold=threshold), prompt=prompt)

@@ -11,6 +11,7 @@ from string import Formatter
 
 import numpy as np
 
+from ..prompts import pick_negatives
 from .schema import Obj, Phrase
 
 RELATIONS = ("to the left of", "to the right of", "above", "below")
@@ -131,14 +132,7 @@ def detection_prompt(objs: list[Obj], categories: tuple[str, ...],
         names = list(categories)
     else:
         absent = [c for c in categories if c not in present]
-        k = min(num_negatives, len(absent))
-        if hard_weight == 1.0:
-            picked = rng.choice(len(absent), k, replace=False)
-        else:
-            words = {w for name in present for w in name.split()}
-            w = np.array([hard_weight if words & set(c.split()) else 1.0 for c in absent])
-            picked = rng.choice(len(absent), k, replace=False, p=w / w.sum())
-        names = present + [absent[j] for j in picked]
+        names = present + pick_negatives(present, absent, min(num_negatives, len(absent)), rng, hard_weight)
         names = [names[j] for j in rng.permutation(len(names))]
     caption, phrases = "", []
     for name in names:

@@ -44,13 +44,19 @@ def xywh(box) -> list[float]:
     return [round(x1, 9), round(y1, 9), round(x2 - x1, 9), round(y2 - y1, 9)]
 
 
-def coco_tables(data: object, path: Path) -> tuple[list, list, list]:
+def coco_tables(path: Path) -> tuple[list, dict[object, list[tuple[int, dict]]], list]:
+    """(images, annotations by image id as (index, annotation) pairs, categories) of a COCO-layout JSON file
+    (COCO instances and MDETR grounding files alike)."""
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a COCO file (no 'images' list)")
     anns, cats = data.get("annotations", []), data.get("categories", [])
     if not isinstance(anns, list) or not isinstance(cats, list):
         raise DataError(f"{path}: 'annotations' and 'categories' must be lists")
-    return data["images"], anns, cats
+    by_image: dict[object, list[tuple[int, dict]]] = {}
+    for k, a in enumerate(anns):
+        by_image.setdefault(a.get("image_id") if isinstance(a, dict) else None, []).append((k, a))
+    return data["images"], by_image, cats
 
 
 class CocoDataset(Dataset):
@@ -60,16 +66,13 @@ class CocoDataset(Dataset):
         super().__init__(spec or f"coco:{ann_file}")
         self.path = Path(ann_file)
         self.image_root = Path(images) if images else self.path.parent
-        self.images, anns, cats = coco_tables(load_json(self.path), self.path)
+        self.images, self.by_image, cats = coco_tables(self.path)
         try:
             self.categories = tuple(sorted((Category(int(c["id"]), str(c["name"])) for c in cats), key=lambda c: c.id))
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{self.path}: every category needs an integer 'id' and a 'name'") from None
         if len({c.id for c in self.categories}) != len(self.categories):
             raise DataError(f"{self.path}: duplicate category ids")
-        self.by_image: dict[object, list[tuple[int, dict]]] = {}
-        for k, a in enumerate(anns):
-            self.by_image.setdefault(a.get("image_id") if isinstance(a, dict) else None, []).append((k, a))
 
     def __len__(self) -> int:
         return len(self.images)

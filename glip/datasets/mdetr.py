@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 from glip.errors import DataError
 
-from .coco import _box, coco_tables, load_json, xywh
+from .coco import _box, coco_tables, xywh
 from .records import Dataset, Record, Region
 from .writers import atomic_write_bytes, atomic_write_text, image_bytes
 
@@ -35,10 +35,7 @@ class MdetrDataset(Dataset):
         super().__init__(spec or f"mdetr:{ann_file}")
         self.path = Path(ann_file)
         self.image_root = Path(images) if images else self.path.parent
-        self.images, anns, _ = coco_tables(load_json(self.path), self.path)
-        self.by_image: dict[object, list[tuple[int, dict]]] = {}
-        for k, a in enumerate(anns):
-            self.by_image.setdefault(a.get("image_id") if isinstance(a, dict) else None, []).append((k, a))
+        self.images, self.by_image, _ = coco_tables(self.path)
 
     def __len__(self) -> int:
         return len(self.images)

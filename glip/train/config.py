@@ -222,26 +222,16 @@ def _coerce(key: str, value, hint, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise bad
-    if hint is int:
+    if hint in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad
         try:
             f = float(value)
         except ValueError:
             raise bad from None
-        if not math.isfinite(f) or f != int(f):
+        if not math.isfinite(f) or (hint is int and f != int(f)):
             raise bad
-        return int(f)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise bad
-        try:
-            f = float(value)
-        except ValueError:
-            raise bad from None
-        if not math.isfinite(f):
-            raise bad
-        return f
+        return int(f) if hint is int else f
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise bad

@@ -43,7 +43,7 @@ from glip.boxes import scale_boxes
 from glip.errors import DataError, GLIPError, ImageError
 from glip.image import batch_images
 from glip.preprocess import Preprocessor
-from glip.prompts import Prompt, PromptError, from_caption, get_tokenizer, tokenize
+from glip.prompts import Prompt, PromptError, from_caption, get_tokenizer, pick_negatives, tokenize
 
 Span = tuple[int, int]
 Box = tuple[float, float, float, float]
@@ -197,13 +197,7 @@ def sample_negatives(present: Sequence[str], categories: Sequence[str], rng: np.
             k = int(rng.integers(1, k + 1))
     else:
         k = min(int(rng.integers(negatives[0], negatives[1] + 1)), len(absent))
-    if hard_weight == 1.0:
-        picked = rng.choice(len(absent), k, replace=False)
-    else:
-        words = {w for name in present for w in name.split()}
-        w = np.array([hard_weight if words & set(c.split()) else 1.0 for c in absent])
-        picked = rng.choice(len(absent), k, replace=False, p=w / w.sum())
-    return [absent[j] for j in picked]
+    return pick_negatives(present, absent, k, rng, hard_weight)
 
 
 def detection_prompt(labels: Sequence[str], categories: Sequence[str], rng: np.random.Generator, max_tokens: int,
@@ -557,16 +551,6 @@ def positional_vocabularies(categories: Sequence[str]) -> dict[str, tuple[str, .
         return None
     vocab = {f"word {j + 1}": tuple(dict.fromkeys(w[j] for w in split)) for j in range(len(split[0]))}
     return vocab if all(len(v) > 1 for v in vocab.values()) else None
-
-
-def __getattr__(name: str):
-    # `ATTRIBUTE_WORDS`, the synthetic world's attribute words, for callers that imported it from here (training
-    # takes a dataset's own `vocabulary`)
-    if name == "ATTRIBUTE_WORDS":
-        from glip.data.schema import KNOWN_WORDS
-
-        return KNOWN_WORDS
-    raise AttributeError(name)
 
 
 __all__ = ["Region", "GroundingRecord", "DetectionRecord", "TrainingSource", "parse_data_arg", "open_source",

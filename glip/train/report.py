@@ -160,9 +160,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
 
     from glip.data import from_odvg
+    from glip.data.judge import sweep
     from glip.evaluate import evaluate, format_table
     from glip.model import GLIP
-    from glip.pseudo import sweep
 
     out_path = Path(a.out)
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
