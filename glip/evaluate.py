@@ -59,12 +59,6 @@ def resolve(data, n: int = 200, seed: int = 1) -> Dataset:
     return open_dataset(data)
 
 
-def _full_size_boxes(result, image) -> np.ndarray:
-    """Boxes in the pixels of `image` (the predictor downscales sides over 4096 px)."""
-    boxes = np.asarray(result.boxes, dtype=np.float64).reshape(-1, 4)
-    sx, sy = image.size[0] / result.image_size[0], image.size[1] / result.image_size[1]
-    return boxes * np.array([sx, sy, sx, sy]) if (sx, sy) != (1.0, 1.0) else boxes
-
 
 def _batches(records, size):
     batch = []
@@ -152,7 +146,7 @@ def evaluate_detection(model, data="test_det", *, n: int = 200, seed: int = 1, b
                                     precision=precision)
             for j, (im, res) in enumerate(zip(images, results)):
                 img_id = gt["images"][start + j]["id"]
-                for b, s, pid in zip(_full_size_boxes(res, im), res.scores, res.phrase_ids):
+                for b, s, pid in zip(res.boxes, res.scores, res.phrase_ids):
                     dets.append({"image_id": img_id, "category_id": cat_ids[int(pid)], "score": float(s),
                                  "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
         start += len(batch)
@@ -200,15 +194,13 @@ def phrase_hits(boxes, scores, phrase_ids, phrases: list[Phrase], ks=(1, 5, 10),
 
 
 def recall_at_k(results, phrases_per_image: list[list[Phrase]], ks=(1, 5, 10), iou: float = 0.5,
-                protocol: str = "any-box", images=None) -> dict:
+                protocol: str = "any-box") -> dict:
     """Recall@k over every grounded phrase. results[i] is the GroundingResult of image i, prompted with
-    phrases_per_image[i] in order (as `grounding_prompt` builds it); `images` (optional) the full-size
-    images, when the predictor downscaled them."""
+    phrases_per_image[i] in order (as `grounding_prompt` builds it)."""
     hits = {k: 0 for k in ks}
     total = 0
-    for i, (r, phrases) in enumerate(zip(results, phrases_per_image)):
-        boxes = _full_size_boxes(r, images[i]) if images is not None else r.boxes
-        for h in phrase_hits(boxes, r.scores, r.phrase_ids, phrases, ks, iou, protocol):
+    for r, phrases in zip(results, phrases_per_image):
+        for h in phrase_hits(r.boxes, r.scores, r.phrase_ids, phrases, ks, iou, protocol):
             total += 1
             for k in ks:
                 hits[k] += h[k]
@@ -240,7 +232,7 @@ def evaluate_grounding(model, data="test_ground", *, n: int = 200, seed: int = 1
         results = model.predict(images, [t[0] for t in targets], threshold=0.0, precision=precision,
                                     candidate_threshold=EVAL_INFERENCE_TH)
         for im, res, (_, phrases) in zip(images, results, targets):
-            for h in phrase_hits(_full_size_boxes(res, im), res.scores, res.phrase_ids, phrases, ks,
+            for h in phrase_hits(res.boxes, res.scores, res.phrase_ids, phrases, ks,
                                  protocol=protocol):
                 total += 1
                 for k in ks:

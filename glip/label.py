@@ -229,16 +229,13 @@ def _region(box, phrase: str, spans, score: float) -> dict:
 
 
 def odvg_record(item: Prepared, result, settings: LabelSettings) -> dict:
-    """The ODVG line of one labelled pair (boxes in the pixels of the full-size image)."""
+    """The ODVG line of one labelled pair (boxes in the image's own pixels, as `predict` returns them)."""
     W, H = item.image.size
-    sx, sy = W / result.image_size[0], H / result.image_size[1]  # 1 unless the predictor downscaled it
     regions, counts = [], {}
     for box, score, pid in zip(result.boxes, result.scores, result.phrase_ids):  # sorted by score
         pid = int(pid)
         if settings.max_per_phrase is not None and counts.get(pid, 0) >= settings.max_per_phrase:
             continue
-        if sx != 1.0 or sy != 1.0:
-            box = [float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy]
         x1, y1, x2, y2 = (float(v) for v in box)
         if x2 - x1 < settings.min_box_side or y2 - y1 < settings.min_box_side:
             continue
