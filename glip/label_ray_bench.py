@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "ray_init_s": init_s, "rows": rows}, indent=1))
     ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
