@@ -21,6 +21,7 @@ from PIL import Image
 
 from glip.errors import GLIPError
 from glip.image import load_image
+from glip.label import known_vocabulary
 
 from .limits import PixelBudget, check_prompt, probe_size
 from .models import STUDENT, ModelManager, Resolved
@@ -211,10 +212,6 @@ class Core:
         vocabulary (a released GLIP)."""
         c = self.manager.menu.get(name)
         if c is None or c.kind == "release":
-            return None
-        try:
-            from glip.label import known_vocabulary
-        except ImportError:  # a library without model vocabularies
             return None
         try:
             return known_vocabulary(c.path if c.kind == "local" else name)

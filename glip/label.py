@@ -15,6 +15,7 @@ words; the region written always spans the whole noun phrase.
 
 Pieces (a distributed engine reuses the per-shard unit and the writer):
 * `prepare(record, settings)`: decode + caption checks + noun phrases → `Prepared`, or a reject dict.
+* `label_pair(model, image, caption, settings)`: one pair's pseudo-labels as a `GroundingResult` (the app).
 * `label_shard(model, records, settings) -> ShardResult`: a pure function of its inputs (batches are
   cut inside the shard, so a shard's output does not depend on where or when it runs).
 * `write_shard(out_dir, name, result)`: the shard's ODVG and rejects files, each written to a
@@ -34,6 +35,7 @@ With `shard=(i, n)`, n > 1: manifest.i-of-n.json, rejects.i-of-n.jsonl, summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import queue
@@ -44,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from glip.datasets import Dataset, Record, Shard, open_dataset
@@ -228,11 +231,11 @@ def _region(box, phrase: str, spans, score: float) -> dict:
             "score": round(float(score), 4)}
 
 
-def odvg_record(item: Prepared, result, settings: LabelSettings) -> dict:
-    """The ODVG line of one labelled pair (boxes in the image's own pixels, as `predict` returns them)."""
-    W, H = item.image.size
-    regions, counts = [], {}
-    for box, score, pid in zip(result.boxes, result.scores, result.phrase_ids):  # sorted by score
+def kept_boxes(result, settings: LabelSettings) -> list[int]:
+    """Indices of the boxes a pair keeps as pseudo-labels (score order): at most `max_per_phrase` per
+    phrase, none thinner than `min_box_side` pixels. The threshold was applied by `predict`."""
+    keep, counts = [], {}
+    for i, (box, pid) in enumerate(zip(result.boxes, result.phrase_ids)):  # sorted by score
         pid = int(pid)
         if settings.max_per_phrase is not None and counts.get(pid, 0) >= settings.max_per_phrase:
             continue
@@ -240,7 +243,17 @@ def odvg_record(item: Prepared, result, settings: LabelSettings) -> dict:
         if x2 - x1 < settings.min_box_side or y2 - y1 < settings.min_box_side:
             continue
         counts[pid] = counts.get(pid, 0) + 1
-        regions.append(_region(box, item.prompt.phrases[pid], item.prompt.spans[pid], score))
+        keep.append(i)
+    return keep
+
+
+def odvg_record(item: Prepared, result, settings: LabelSettings) -> dict:
+    """The ODVG line of one labelled pair (boxes in the image's own pixels, as `predict` returns them)."""
+    W, H = item.image.size
+    regions = []
+    for i in kept_boxes(result, settings):
+        pid = int(result.phrase_ids[i])
+        regions.append(_region(result.boxes[i], item.prompt.phrases[pid], item.prompt.spans[pid], result.scores[i]))
     return {"filename": item.record.file_name, "height": H, "width": W,
             "grounding": {"caption": item.record.caption, "regions": regions}}
 
@@ -303,6 +316,26 @@ def label_shard(model, records: Iterable[Record], settings: LabelSettings = Labe
     if prefetch > 0:
         items = _background(items, prefetch)
     return label_items(model, items, settings, on_batch)
+
+
+@torch.no_grad()
+def label_pair(model, image, caption: str, settings: LabelSettings = LabelSettings()):
+    """The pseudo-labels of one image–caption pair, made as `label_shard` makes them (the caption's noun
+    phrases, the scoring words, the threshold, the per-phrase cap), as a `GroundingResult` on the caption's
+    own noun-phrase prompt: its boxes are the regions an ODVG line would hold. The pair is grounded alone
+    (a batch pads, which moves scores slightly, as officially). A pair the command would reject raises the
+    reject's reason (PromptError for the caption, ImageError for the image)."""
+    settings.validate()
+    model.eval()
+    item = prepare(Record(key="pair", file_name=str(image) if isinstance(image, (str, Path)) else "image",
+                          image=image, caption=caption), settings)
+    if isinstance(item, dict):
+        err = ImageError if item["reason"] in ("unreadable image", "image too large") else PromptError
+        raise err(item["detail"])
+    result = _predict(model, [item], settings)[0]
+    idx = np.asarray(kept_boxes(result, settings), dtype=np.int64)
+    return dataclasses.replace(result, prompt=item.prompt, boxes=result.boxes[idx], scores=result.scores[idx],
+                               phrase_ids=result.phrase_ids[idx], token_scores=result.token_scores[idx])
 
 
 def _background(items: Iterator, depth: int) -> Iterator:

@@ -290,6 +290,12 @@ def test_every_view_renders(tabs, core, scene):
     c = ts.compare(p.ts_image, p.ts_caption, p.sample, TEACHER, STUDENT, 0.0, 0.0, 0.5)
     assert c.gt_out is not None and "Hidden truth" in c.ts_summary and "truth" in c.ts_df.columns
     assert c.ts_df["teacher"].max() <= 1 and c.ts_df["student"].max() <= 1  # best box per phrase (the default)
+    from glip.label import LabelSettings, label_pair  # the teacher's boxes are the labelling command's
+
+    labels = label_pair(core.resolve(TEACHER, fallback=TEACHER).model, p.ts_image, p.ts_caption,
+                        LabelSettings(threshold=0.0, max_per_phrase=1, score_words=core.vocabulary(TEACHER)))
+    assert c.ts_df["teacher"].sum() == len(labels) > 0
+    assert "new word" in c.ts_df.columns  # the student's vocabulary holds words the teacher's does not
     assert list(c.diff_df.columns) == ["phrase", "teacher best", "student best", "Δ (student − teacher)"]
     every = ts.compare(p.ts_image, p.ts_caption, p.sample, TEACHER, STUDENT, 0.0, 0.0, 0.5, False)
     assert (every.ts_df["student"] >= c.ts_df["student"]).all() and every.ts_df["student"].max() > 1

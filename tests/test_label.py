@@ -16,11 +16,12 @@ from PIL import Image
 from glip.datasets import Record, open_dataset, write_dataset
 from glip.datasets.odvg import check_odvg
 from glip.datasets.webdataset import write_webdataset
-from glip.errors import ConfigError
+from glip.errors import ConfigError, ImageError, PromptError
 from glip.label import (
     LabelSettings,
     known_vocabulary,
     label,
+    label_pair,
     label_shard,
     prepare,
     read_vocabulary,
@@ -161,6 +162,30 @@ label(m, sys.argv[2], sys.argv[3], threshold=0.0, batch_size=2, records_per_shar
 """
 
 
+@pytest.mark.parametrize("max_per_phrase", [1, None])
+def test_one_pair_is_labelled_as_the_command_labels_it(model, max_per_phrase):
+    """`label_pair` (the app's Teacher vs student) keeps exactly the regions that `label_shard` writes for the
+    same pair labelled alone, on the caption's own noun-phrase prompt."""
+    from glip.data import KNOWN_WORDS
+
+    settings = LabelSettings(threshold=0.0, batch_size=1, max_per_phrase=max_per_phrase, score_words=KNOWN_WORDS)
+    recs = list(open_dataset("world:web:0:3"))
+    lines = label_shard(model, recs, settings).records
+    for rec, line in zip(recs, lines):
+        res = label_pair(model, rec.load_image(), rec.caption, settings)
+        regions = line["grounding"]["regions"]
+        assert len(res) == len(regions) > 0
+        assert res.prompt.caption == rec.caption and res.prompt.spans == prepare(rec, settings).prompt.spans
+        for i, r in enumerate(regions):
+            assert res.phrases[i] == r["phrase"] and [list(x) for x in res.spans(i)] == r["tokens_positive"]
+            np.testing.assert_allclose(res.boxes[i], r["bbox"], atol=0.006)
+            assert abs(float(res.scores[i]) - r["score"]) < 6e-5
+    with pytest.raises(PromptError, match="no noun phrase"):
+        label_pair(model, recs[0].load_image(), "and so on", settings)
+    with pytest.raises(ImageError, match="corrupt or not an image"):
+        label_pair(model, b"not an image", "a red circle", settings)
+
+
 def test_kill_9_then_resume_is_byte_identical_to_an_uninterrupted_run(micro, model, tmp_path):
     data = "world:web:0:6"
     kw = dict(threshold=0.0, batch_size=2, records_per_shard=2, model_name="micro", progress=False)
@@ -274,9 +299,10 @@ def test_score_words_from_the_model_or_a_file(micro, tmp_path):
     assert resolve_score_words(str(tmp_path / "v.txt")) == {"red", "blue"}
     with pytest.raises(ConfigError, match="not found"):
         resolve_score_words(str(tmp_path / "none.txt"))
-    from glip.data import KNOWN_WORDS
+    from glip.data import KNOWN_WORDS, NOVEL_WORDS
 
     assert known_vocabulary("toy-teacher") == KNOWN_WORDS and known_vocabulary(micro) is None
+    assert known_vocabulary("toy-student") == KNOWN_WORDS | NOVEL_WORDS  # the teacher's words and the learned ones
 
 
 def test_exported_shards_label_like_the_world(model, tmp_path):

@@ -15,6 +15,7 @@ import pandas as pd
 
 from glip import explain
 from glip.draw import phrase_styles
+from glip.label import LabelSettings, label_pair
 from glip.prompts import from_caption
 
 from .. import render
@@ -30,29 +31,14 @@ PRESETS = {
 }
 
 
-def label_defaults() -> tuple[float, bool]:
-    """(threshold, best box per phrase only) of the labelling command's defaults."""
-    try:
-        from glip.label import LabelSettings
-    except ImportError:  # a library before `glip label`: the paper's 0.5, one box per phrase as `pseudo-label`
-        return 0.5, True
-    s = LabelSettings()
-    return s.threshold, s.max_per_phrase == 1
+LABEL_DEFAULTS = LabelSettings()  # the labelling command's threshold and per-phrase rule are the tab's defaults
 
 
-# --- adapters to the library's labelling (one place each) -----------------------------------------------------
-def teacher_labels(teacher, vocab: frozenset[str] | None, image, prompt, threshold: float, best_only: bool):
-    """The teacher's pseudo-labels of one image–caption pair: each phrase scored by the words the teacher knows
-    (all words when it has no vocabulary), boxes above `threshold`, the best box per phrase when `best_only`.
-    The result keeps the caption's own phrases and spans (a region spans the whole noun phrase)."""
-    try:
-        from glip.label import known_word_prompt
-    except ImportError:
-        from glip.label import known_word_prompt
-
-    scoring = known_word_prompt(prompt, vocab) if vocab else prompt
-    res = dataclasses.replace(teacher.predict(image, scoring, threshold=threshold), prompt=prompt)
-    return res.best_per_phrase(1) if best_only else res
+def teacher_settings(vocab: frozenset[str] | None, threshold: float, best_only: bool) -> LabelSettings:
+    """The labelling command's settings for this teacher: its phrases scored by the words it knows (`--score-words
+    known`) when it has a vocabulary, by all their tokens otherwise (a released GLIP)."""
+    return dataclasses.replace(LABEL_DEFAULTS, threshold=threshold, max_per_phrase=1 if best_only else None,
+                               score_words=vocab if vocab else "all")
 
 
 def student_predictions(student, image, prompt, threshold: float, best_only: bool):
@@ -146,9 +132,9 @@ class TeacherStudentTab:
         im = self.core.display(str(image))
         w, h = self.core.image_size(str(image))
         with self.core.budget.hold(w * h):
-            tr = teacher_labels(tr_.model, tv, str(image), prompt, float(t_thr), best_only)
+            tr = label_pair(tr_.model, str(image), caption, teacher_settings(tv, float(t_thr), best_only))
             sr = student_predictions(sr_.model, str(image), prompt, float(s_thr), best_only)
-            t0 = teacher_labels(tr_.model, tv, str(image), prompt, 0.0, True)   # best score of every phrase
+            t0 = label_pair(tr_.model, str(image), caption, teacher_settings(tv, 0.0, True))  # each phrase's best
             s0 = student_predictions(sr_.model, str(image), prompt, 0.0, True)
         names = render.phrase_labels(prompt.phrases)
         styles = phrase_styles(prompt.phrases)
@@ -251,12 +237,12 @@ class TeacherStudentTab:
                                              sources=["upload", "clipboard"], elem_id="ts-image", image_mode=None)
                     c["ts_caption"] = gr.Textbox(label="Caption", lines=2, elem_id="ts-caption")
                     with gr.Row():
-                        c["t_thr"] = gr.Slider(0.0, 1.0, value=0.05 if low_thresholds else label_defaults()[0], step=0.01,
+                        c["t_thr"] = gr.Slider(0.0, 1.0, value=0.05 if low_thresholds else LABEL_DEFAULTS.threshold, step=0.01,
                                                label="Teacher threshold (labelling)")
                         c["s_thr"] = gr.Slider(0.0, 1.0, value=0.05 if low_thresholds else 0.3, step=0.01,
                                                label="Student threshold")
                         c["m_iou"] = gr.Slider(0.1, 0.95, value=0.5, step=0.05, label="Match IoU")
-                    c["best_in"] = gr.Checkbox(value=label_defaults()[1], label="Best box per phrase only (unchecked: "
+                    c["best_in"] = gr.Checkbox(value=LABEL_DEFAULTS.max_per_phrase == 1, label="Best box per phrase only (unchecked: "
                                                "every box above the threshold)")
                     c["cmp_btn"] = gr.Button("Compare", variant="primary", elem_id="cmp-btn")
             c["ts_text"] = gr.HighlightedText(label="Caption: phrases (and words only the student learned)",
