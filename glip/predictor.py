@@ -28,7 +28,7 @@ from .postprocess import atss_postprocess
 from .preprocess import Preprocessor
 from .prompts import Prompt, PromptError, from_categories, parse_prompt, prompt_tokens, tokens_in_spans
 from .results import GroundingResult
-from .runtime import autocast
+from .runtime import autocast, fix_heap_threshold
 
 _autocast = autocast  # also importable from here (callers import it under this name)
 
@@ -171,6 +171,7 @@ class Predictor:
             precision: str = "fp32", fusion: bool = True) -> list[GroundingState]:
         """Head outputs for a batch of images, one prompt chunk per image (cached per batch).
         fusion=False switches the X-MHA residuals off for this call (the deep-fusion ablation)."""
+        fix_heap_threshold()
         with self.lock, self._fusion(fusion):
             return self._run(entries, chunks, output_attentions, precision, fusion)
 

@@ -6,6 +6,10 @@ the CLI and the benchmarks refuse the same inputs with the same one-line message
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import sys
+import threading
 
 import torch
 
@@ -17,6 +21,33 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
+
+
+# glibc serves an allocation from its own memory mapping, returned to the OS when freed, above this size.
+# Its default threshold starts at 128 KiB but rises to the size of each large block freed (up to 32 MiB), so
+# after the first predict the activations of the next ones are carved out of a heap that fragments and never
+# shrinks: the process keeps ~200 MB more for GLIP-T at 800×1333 (docs/performance.md).
+HEAP_MMAP_THRESHOLD = 4 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+_heap_policy = {"done": False, "applied": False}
+_heap_lock = threading.Lock()
+
+
+def fix_heap_threshold() -> bool:
+    """Fix glibc's mmap threshold at `HEAP_MMAP_THRESHOLD` so that freed activations go back to the OS; once
+    per process, at the first inference. Left alone off Linux/glibc, when the user set `MALLOC_MMAP_THRESHOLD_`
+    (their own policy) or `GLIP_HEAP=default`. Returns whether the threshold is fixed."""
+    with _heap_lock:
+        if not _heap_policy["done"]:
+            _heap_policy["done"] = True
+            if (sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+                    and os.environ.get("GLIP_HEAP", "") != "default"):
+                try:
+                    libc = ctypes.CDLL(None)
+                    _heap_policy["applied"] = bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+                except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+                    pass
+        return _heap_policy["applied"]
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:

@@ -358,3 +358,39 @@ def test_xmha_runs_in_half_precision_with_padded_tokens():
     assert p_v16[0, :, :, 3:].abs().max() == 0 and p_v32[0, :, :, 3:].abs().max() == 0
     torch.testing.assert_close(dv16.float(), dv32, atol=5e-3, rtol=5e-2)
     torch.testing.assert_close(dl16.float(), dl32, atol=5e-3, rtol=5e-2)
+
+
+@settings(max_examples=6, deadline=None)
+@given(layers=st.integers(1, 2), heads=st.sampled_from([1, 2, 4]), T=st.integers(2, 12), pad=st.integers(0, 5),
+       seed=st.integers(0, 2**16))
+def test_bert_equals_transformers_bert_model(layers, heads, T, pad, seed):
+    """The written-out BERT is transformers' BertModel (eager attention, no pooler) with the official
+    -10000 padding mask: same keys, same outputs at every position (padded ones included)."""
+    transformers = pytest.importorskip("transformers")
+    from glip.language import BertModel
+
+    cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=heads,
+               intermediate_size=24, hidden_act="gelu", max_position_embeddings=32, type_vocab_size=2,
+               layer_norm_eps=1e-12, pad_token_id=0, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(seed)
+    ref = transformers.BertModel(transformers.BertConfig(**cfg, attn_implementation="eager"),
+                                 add_pooling_layer=False).eval().double()
+    ours = BertModel(cfg).eval().double()
+    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert not missing and all("position_ids" in k or "token_type_ids" in k for k in unexpected)
+    ids = torch.randint(1, 50, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, max(1, T - pad):] = 0
+    ext = (1.0 - mask[:, None, None, :].double()) * -10000.0  # the official extended mask
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=ext).last_hidden_state
+        got = ours(ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_import_glip_does_not_load_transformers_model_code():
+    code = ("import sys, glip\n"
+            "from glip.prompts import tokenize\n"
+            "bad = [m for m in sys.modules if m.startswith(('transformers.models.bert.modeling', 'transformers.modeling'))]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -240,3 +240,27 @@ def test_best_per_phrase_keeps_the_top_k_of_each_phrase_in_order(pids, k):
     assert (best.token_scores[:, 0] == best.boxes[:, 0] / 4).all()  # rows stay aligned
     with pytest.raises(ValueError):
         res.best_per_phrase(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("env, applied", [({}, True), ({"GLIP_HEAP": "default"}, False),
+                                          ({"MALLOC_MMAP_THRESHOLD_": "131072"}, False)])
+def test_the_first_inference_fixes_the_heap_threshold_unless_the_user_set_one(env, applied, tmp_path):
+    """Freed activations go back to the OS (glibc's mmap threshold fixed at 4 MiB) from the first predict on,
+    unless the user chose a policy; `bench --rss` measures what it saves."""
+    import os
+
+    code = (
+        "import torch, glip.runtime as r\n"
+        "from glip import GLIP, get_preset\n"
+        "from glip.prompts import from_categories\n"
+        "import numpy as np\n"
+        "m = GLIP(get_preset('toy').replace(min_size_test=64, max_size_test=64, swin_embed_dim=16, "
+        "swin_num_heads=(1, 2, 4, 8), channels=32, fusion_embed_dim=64, num_dyhead_blocks=1)).eval()\n"
+        "assert not r._heap_policy['done']\n"
+        "m.predict(np.zeros((64, 64, 3), np.uint8), from_categories(['circle']))\n"
+        "print(r._heap_policy['applied'], r.fix_heap_threshold())\n")
+    full = {k: v for k, v in os.environ.items() if k not in ("GLIP_HEAP", "MALLOC_MMAP_THRESHOLD_")} | env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=full)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(applied), str(applied)]
