@@ -173,3 +173,41 @@ def test_resume_refuses_a_different_run(tmp_path):
     # the length of the run may change (the schedule re-stretches): that resumes
     r = train(micro(tmp_path / "run", steps=3), resume=True, progress_bar=False, quiet=True)
     assert r["steps"] == 3 and len(r["history"]) == 2
+
+
+def norms(run: Path) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_accumulating_identical_micro_batches_equals_the_whole_batch(tmp_path):
+    """One grounding scene in every slot (no flips): each micro-batch has the same loss normalisers as the whole
+    batch, so K accumulation steps of 1/K of the batch must give the whole batch's gradients (averaged, not
+    summed; zeroed between steps): the same losses and gradient norms; the weights differ only by rounding,
+    which AdamW amplifies on near-zero gradients, so they are compared as a whole: the difference is under 1% of
+    the update."""
+    kw = dict(data=("world:gold_ground:0:1",), flip_prob=0.0, steps=2, warmup_steps=0)
+    runs = {k: micro(tmp_path / f"accum{k}", grad_accum=k, **kw) for k in (1, 2, 4)}
+    for tc in runs.values():
+        train(tc, progress_bar=False, quiet=True)
+    base, init = weights(tmp_path / "accum1"), _init_weights(runs[1])
+    norm = lambda a, b: sum(float((a[n].double() - b[n].double()).square().sum()) for n in a) ** 0.5  # noqa: E731
+    update = norm(base, {n: init[n] for n in base})
+    assert update > 1e-2
+    for k in (2, 4):
+        assert losses(tmp_path / f"accum{k}") == pytest.approx(losses(tmp_path / "accum1"), rel=1e-6)
+        assert norms(tmp_path / f"accum{k}") == pytest.approx(norms(tmp_path / "accum1"), rel=1e-5)
+        assert norm(weights(tmp_path / f"accum{k}"), base) < 0.01 * update, (k, update)
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    """--precision bf16 (autocast; the loss in fp32): the first step's loss is the fp32 one within bf16's
+    precision, and training moves the weights without NaNs."""
+    a, b = micro(tmp_path / "fp32", steps=2), micro(tmp_path / "bf16", steps=2, precision="bf16")
+    train(a, progress_bar=False, quiet=True)
+    train(b, progress_bar=False, quiet=True)
+    la, lb = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert all(torch.isfinite(torch.tensor(lb)))
+    assert abs(la[0] - lb[0]) < 0.05 * abs(la[0]), (la, lb)
+    w = weights(tmp_path / "bf16")
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert json.loads((tmp_path / "bf16" / "model" / "config.json").read_text())["training"]["precision"] == "bf16"

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from glip.errors import CheckpointError, ConfigError
+from glip.runtime import autocast
 from glip.train import distributed as D
 from glip.train.config import CONFIGS, TrainConfig, get_config, validate
 from glip.train.data import Collate, InputSpec, ItemOptions, StepBatches, open_sources, training_prompts
@@ -210,17 +211,11 @@ class EMA:
                 params[k].copy_(v)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def compute_loss(model, batch: dict, frozen_text: bool, contrastive_weight: float = 0.0, normalizer=None,
                  precision: str = "fp32"):
     dev = next(model.parameters()).device
     ids, attention = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    with _autocast(dev, precision):
+    with autocast(dev, precision):
         feats = model.encode_image(batch["images"].to(dev, non_blocking=True))
         if frozen_text:
             model.language_backbone.eval()
@@ -292,8 +287,9 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
            stop_after: int | None) -> dict:
     from tqdm import tqdm
 
-    if tc.precision != "fp32" and dev.type != "cuda":
-        raise ConfigError(f"precision {tc.precision} (autocast) needs a CUDA device; this run is on {dev}")
+    if tc.precision == "fp16" and dev.type != "cuda":  # bf16 autocast also runs on CPUs
+        raise ConfigError(f"precision fp16 (autocast with loss scaling) needs a CUDA device; this run is on {dev}: "
+                          "use bf16 or fp32")
     if tc.batch_size % (di.world * tc.grad_accum):
         raise ConfigError(f"batch_size {tc.batch_size} does not split into {di.world} ranks x {tc.grad_accum} "
                           "accumulation steps")
