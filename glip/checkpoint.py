@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -242,10 +243,23 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
     meta = {"format": "glip-explorer", "version": str(FORMAT_VERSION)}
     if exclude_text_encoder:
         meta["text_encoder_excluded"] = model.config.text_encoder
-    save_file(sd, str(out / "model.safetensors"), metadata=meta)
-    d = model.config.to_dict()
-    (out / "config.json").write_text(json.dumps(d, indent=1))
+    # Written under a temporary name and renamed, so an interrupted save never leaves a truncated model; safetensors
+    # creates its file owner-only, so the mode a plain open() would give is set back.
+    tmp = out / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
+    os.replace(out / "config.json.tmp", out / "config.json")
     return out
+
+
+def _umask() -> int:
+    try:  # read without changing it (os.umask sets it, a race with other threads)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:

@@ -394,3 +394,19 @@ def test_import_glip_does_not_load_transformers_model_code():
             "bad = [m for m in sys.modules if m.startswith(('transformers.models.bert.modeling', 'transformers.modeling'))]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_saved_models_follow_the_umask_and_leave_no_temporary_file(tmp_path):
+    import os
+    import stat
+
+    m = GLIP(get_preset("toy").replace(swin_embed_dim=16, swin_num_heads=(1, 2, 4, 8), channels=32,
+                                       fusion_embed_dim=64, num_dyhead_blocks=1))
+    old = os.umask(0o022)
+    try:
+        m.save_pretrained(tmp_path / "m", exclude_text_encoder=True)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644, name

@@ -199,17 +199,20 @@ def main(argv=None) -> int:
                        "by_novel_word_at_0.5": words}
         print(key, json.dumps(report[key]["sweep"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
-    if "prompt" not in a.skip and {"teacher", "student"} <= set(models):
+    if "prompt" not in a.skip and models:  # the measured roles' columns; other roles' entries are kept
         samples = [make_sample("test_novel", i, a.seed) for i in range(a.n_prompt)]
         table = {role: prompt_engineering(m, samples) for role, m in models.items()}
+        kept = {r["prompt"]: r for r in report.get("prompt_engineering", {}).get("rows", [])}
         report["prompt_engineering"] = {"split": "test_novel", "n": a.n_prompt, "metric": "R@1",
                                         "descriptions": DESCRIPTIONS, "paraphrases": PARAPHRASES,
-                                        "rows": [{"prompt": k, **{role: round(t[k], 3) for role, t in table.items()}}
-                                                 for k in table["teacher"]]}
+                                        "rows": [{**kept.get(k, {}), "prompt": k,
+                                                  **{role: round(t[k], 3) for role, t in table.items()}}
+                                                 for k in next(iter(table.values()))]}
         print("prompt", json.dumps(report["prompt_engineering"]["rows"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
         samples = [make_sample("test_novel", i, a.seed) for i in range(a.n)]
-        report["novel_by_word"] = {"split": "test_novel", "n": a.n, "metric": "R@1 of the target, caption prompt",
+        report["novel_by_word"] = {**report.get("novel_by_word", {}), "split": "test_novel", "n": a.n,
+                                   "metric": "R@1 of the target, caption prompt",
                                    **{role: novel_by_word(m, samples) for role, m in models.items()}}
         print("novel_by_word", json.dumps(report["novel_by_word"]), flush=True)
         out_path.write_text(json.dumps(report, indent=1))
