@@ -25,23 +25,25 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 
 # glibc serves an allocation from its own memory mapping, returned to the OS when freed, above this size.
 # Its default threshold starts at 128 KiB but rises to the size of each large block freed (up to 32 MiB), so
-# after the first predict the activations of the next ones are carved out of a heap that fragments and never
-# shrinks: the process keeps ~200 MB more for GLIP-T at 800×1333 (docs/performance.md).
-HEAP_MMAP_THRESHOLD = 4 << 20
+# after the first predict the activations of the next ones are carved out of a heap that fragments and does
+# not shrink (GLIP-T at 800×1333: ~90 MB more peak). Every mapping is zero-filled by the kernel when first
+# touched: a lower threshold saves more memory and costs more time (docs/performance.md).
+HEAP_MMAP_THRESHOLD = 16 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 _heap_policy = {"done": False, "applied": False}
 _heap_lock = threading.Lock()
 
 
 def fix_heap_threshold() -> bool:
-    """Fix glibc's mmap threshold at `HEAP_MMAP_THRESHOLD` so that freed activations go back to the OS; once
-    per process, at the first inference. Left alone off Linux/glibc, when the user set `MALLOC_MMAP_THRESHOLD_`
-    (their own policy) or `GLIP_HEAP=default`. Returns whether the threshold is fixed."""
+    """With `GLIP_HEAP=bounded`: fix glibc's mmap threshold at `HEAP_MMAP_THRESHOLD`, so that freed activations
+    go back to the OS (a lower peak RSS for a slower predict); once per process, at the first inference. Off by
+    default, off Linux/glibc, and when the user set `MALLOC_MMAP_THRESHOLD_` (their own policy). Returns whether
+    the threshold is fixed."""
     with _heap_lock:
         if not _heap_policy["done"]:
             _heap_policy["done"] = True
             if (sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ
-                    and os.environ.get("GLIP_HEAP", "") != "default"):
+                    and os.environ.get("GLIP_HEAP", "") == "bounded"):
                 try:
                     libc = ctypes.CDLL(None)
                     _heap_policy["applied"] = bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
