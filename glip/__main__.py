@@ -83,7 +83,7 @@ def cmd_parity(a) -> int:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import format_compare, format_result, load_result, peak_rss_mb, run_bench
+    from .bench import format_compare, format_result, fresh_predict_peak_rss_mb, load_result, run_bench
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -96,7 +96,7 @@ def cmd_bench(a) -> int:
     for dev in devices:
         res = run_bench(a.preset, a.height, a.width, a.runs, dev, a.precision, sizes=sizes)
         if a.rss and dev == "cpu":
-            res.meta["peak_rss_mb"] = peak_rss_mb(a.preset, a.height, a.width, a.precision)
+            res.meta["peak_rss_mb"] = fresh_predict_peak_rss_mb(a.preset, a.height, a.width, a.precision)
         results.append(res)
         if not a.json:
             print(format_result(res))

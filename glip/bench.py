@@ -198,20 +198,20 @@ def _row(key, name, fn, runs, sync, rate) -> Row:
     return Row(key, name, mn, md, flops / 1e9, flops / rate)
 
 
-def peak_rss_mb(preset: str = "glip-t", height: int = 800, width: int = 1333, precision: str = "fp32") -> float:
+def fresh_predict_peak_rss_mb(preset: str = "glip-t", height: int = 800, width: int = 1333, precision: str = "fp32") -> float:
     """Peak resident memory of a fresh process that builds the model, predicts once to warm up and once
     more (nothing cached), in MB: the process's own high-water mark (VmHWM). Not ru_maxrss, which Linux
     carries over from the parent at fork + exec, so a large parent (this benchmark) would be measured."""
     code = (
-        "import resource, numpy as np, torch\n"
+        "import numpy as np, torch\n"
         "from glip import GLIP, get_preset\n"
         "from glip.bench import NAMES\n"
         f"m = GLIP(get_preset({preset!r})).eval()\n"
         f"img = np.random.default_rng(0).integers(0, 255, ({height}, {width}, 3), dtype=np.uint8)\n"
         f"kw = dict(min_size={min(height, width)}, max_size={max(height, width)}, precision={precision!r})\n"
         "m.predict(img, NAMES, **kw); m.predictor.clear_cache(); m.predict(img, NAMES, **kw)\n"
-        "hwm = [x for x in open('/proc/self/status').read().splitlines() if x.startswith('VmHWM:')]\n"
-        "print(int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "from glip.runtime import peak_rss_mb\n"
+        "print(peak_rss_mb())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

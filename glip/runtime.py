@@ -52,6 +52,22 @@ def fix_heap_threshold() -> bool:
         return _heap_policy["applied"]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: its own high-water mark (VmHWM), not `ru_maxrss`, which Linux
+    carries over from the parent at fork + exec (a child of a large process would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not Linux: ru_maxrss (bytes on macOS, KB elsewhere)
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps" → a torch.device that exists here.
 
@@ -102,4 +118,4 @@ def autocast(device: torch.device | str, precision: str | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "resolve_device"]
+__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "fix_heap_threshold", "peak_rss_mb", "resolve_device"]

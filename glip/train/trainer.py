@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from glip.errors import CheckpointError, ConfigError
-from glip.runtime import autocast
+from glip.runtime import autocast, peak_rss_mb
 from glip.train import distributed as D
 from glip.train.config import CONFIGS, TrainConfig, get_config, validate
 from glip.train.data import Collate, InputSpec, ItemOptions, StepBatches, open_sources, training_prompts
@@ -420,7 +419,7 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
             t_last += time.time() - t0  # evaluation does not eat the training budget
     bar.close()
     summary = {"steps": step, "train_minutes": round(elapsed / 60, 2), "final_loss": history[-1] if history else None,
-               "world_size": di.world, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+               "world_size": di.world, "peak_rss_mb": round(peak_rss_mb(), 1)}
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 20, 1)
     if di.is_main:
