@@ -227,6 +227,8 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
     `read_ours` refills them from the pip-packaged weights named by `config.text_encoder`)."""
     from safetensors.torch import save_file
 
+    from .datasets.writers import atomic_write_text
+
     if exclude_text_encoder and model.config.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"exclude_text_encoder needs a text encoder that ships offline ({sorted(TEXT_ENCODERS)}), "
                           f"not {model.config.text_encoder!r}")
@@ -249,8 +251,7 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
     save_file(sd, str(tmp), metadata=meta)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
-    os.replace(out / "config.json.tmp", out / "config.json")
+    atomic_write_text(out / "config.json", json.dumps(model.config.to_dict(), indent=1))
     return out
 
 

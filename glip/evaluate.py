@@ -59,7 +59,6 @@ def resolve(data, n: int = 200, seed: int = 1) -> Dataset:
     return open_dataset(data)
 
 
-
 def _batches(records, size):
     batch = []
     for r in records:
@@ -144,7 +143,7 @@ def evaluate_detection(model, data="test_det", *, n: int = 200, seed: int = 1, b
         for prompt, cat_ids in prompts:  # official: each chunk's detections, concatenated
             results = model.predict(images, [prompt] * len(images), threshold=0.0, max_dets=max_dets,
                                     precision=precision)
-            for j, (im, res) in enumerate(zip(images, results)):
+            for j, res in enumerate(results):
                 img_id = gt["images"][start + j]["id"]
                 for b, s, pid in zip(res.boxes, res.scores, res.phrase_ids):
                     dets.append({"image_id": img_id, "category_id": cat_ids[int(pid)], "score": float(s),
@@ -231,7 +230,7 @@ def evaluate_grounding(model, data="test_ground", *, n: int = 200, seed: int = 1
         images = [r.load_image() for r in batch]
         results = model.predict(images, [t[0] for t in targets], threshold=0.0, precision=precision,
                                     candidate_threshold=EVAL_INFERENCE_TH)
-        for im, res, (_, phrases) in zip(images, results, targets):
+        for res, (_, phrases) in zip(results, targets):
             for h in phrase_hits(res.boxes, res.scores, res.phrase_ids, phrases, ks,
                                  protocol=protocol):
                 total += 1

@@ -62,6 +62,7 @@ MANIFEST_VERSION = 1
 VOCABULARY_FILE = "vocabulary.txt"  # beside a model's weights: the words it was trained to ground
 _WORD = re.compile(r"[A-Za-z]+")
 _HIST_BINS = 10
+IMAGE_REJECTS = ("unreadable image", "image too large")  # the reject reasons that are the image's fault
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def prepare(record: Record, settings: LabelSettings) -> Prepared | dict:
     try:
         image = decode_image(record.image, record.file_name or record.key)
     except ImageError as e:
-        return reject(record, "image too large" if "too large" in str(e) else "unreadable image", str(e))
+        return reject(record, IMAGE_REJECTS[1] if "too large" in str(e) else IMAGE_REJECTS[0], str(e))
     try:
         if not noun_phrases(record.caption):
             return reject(record, "no noun phrase", f"no noun phrase in {record.caption[:80]!r}")
@@ -330,7 +331,7 @@ def label_pair(model, image, caption: str, settings: LabelSettings = LabelSettin
     item = prepare(Record(key="pair", file_name=str(image) if isinstance(image, (str, Path)) else "image",
                           image=image, caption=caption), settings)
     if isinstance(item, dict):
-        err = ImageError if item["reason"] in ("unreadable image", "image too large") else PromptError
+        err = ImageError if item["reason"] in IMAGE_REJECTS else PromptError
         raise err(item["detail"])
     result = _predict(model, [item], settings)[0]
     idx = np.asarray(kept_boxes(result, settings), dtype=np.int64)
