@@ -83,7 +83,7 @@ def cmd_parity(a) -> int:
 def cmd_bench(a) -> int:
     import torch
 
-    from .bench import format_compare, format_result, fresh_predict_peak_rss_mb, load_result, run_bench
+    from .bench import format_compare, format_result, fresh_peak_rss_mb, load_result, run_bench
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -96,7 +96,8 @@ def cmd_bench(a) -> int:
     for dev in devices:
         res = run_bench(a.preset, a.height, a.width, a.runs, dev, a.precision, sizes=sizes)
         if a.rss and dev == "cpu":
-            res.meta["peak_rss_mb"] = fresh_predict_peak_rss_mb(a.preset, a.height, a.width, a.precision)
+            peak = fresh_peak_rss_mb(a.preset, a.height, a.width, a.precision)
+            res.meta["load_peak_rss_mb"], res.meta["peak_rss_mb"] = peak["load"], peak["predict"]
         results.append(res)
         if not a.json:
             print(format_result(res))
@@ -156,7 +157,7 @@ def build_parser() -> Parser:
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     s.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
     s.add_argument("--sizes", default="", help="also predict at these shorter sides, e.g. 480,640,800")
-    s.add_argument("--rss", action="store_true", help="also measure the peak RSS of a fresh process")
+    s.add_argument("--rss", action="store_true", help="also measure the peak RSS of a fresh process that loads the model from a .pth and predicts")
     s.add_argument("--json", action="store_true", help="print the result as JSON (for --compare later)")
     s.add_argument("--compare", default=None, metavar="REF.json", help="print speed-ups against an earlier --json run")
     s.set_defaults(fn=cmd_bench)

@@ -14,8 +14,10 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -198,23 +200,33 @@ def _row(key, name, fn, runs, sync, rate) -> Row:
     return Row(key, name, mn, md, flops / 1e9, flops / rate)
 
 
-def fresh_predict_peak_rss_mb(preset: str = "glip-t", height: int = 800, width: int = 1333, precision: str = "fp32") -> float:
-    """Peak resident memory of a fresh process that builds the model, predicts once to warm up and once
-    more (nothing cached), in MB: the process's own high-water mark (VmHWM). Not ru_maxrss, which Linux
-    carries over from the parent at fork + exec, so a large parent (this benchmark) would be measured."""
-    code = (
-        "import numpy as np, torch\n"
-        "from glip import GLIP, get_preset\n"
-        "from glip.bench import NAMES\n"
-        f"m = GLIP(get_preset({preset!r})).eval()\n"
-        f"img = np.random.default_rng(0).integers(0, 255, ({height}, {width}, 3), dtype=np.uint8)\n"
-        f"kw = dict(min_size={min(height, width)}, max_size={max(height, width)}, precision={precision!r})\n"
-        "m.predict(img, NAMES, **kw); m.predictor.clear_cache(); m.predict(img, NAMES, **kw)\n"
-        "from glip.runtime import peak_rss_mb\n"
-        "print(peak_rss_mb())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def fresh_peak_rss_mb(preset: str = "glip-t", height: int = 800, width: int = 1333, precision: str = "fp32") -> dict:
+    """Peak resident memory, in MB, of a fresh process that loads the model from an official-layout .pth (random
+    weights, written to a temporary folder first: what a user's process does with a released checkpoint), then
+    predicts once to warm up and once more with nothing cached: {"load": after the load, "predict": at the end}.
+    Each is the process's own high-water mark (VmHWM), not ru_maxrss, which Linux carries over from the parent
+    at fork + exec, so a large parent (this benchmark) would be measured."""
+    with tempfile.TemporaryDirectory(prefix="glip-bench-") as tmp:
+        path = Path(tmp) / f"{preset}.pth"
+        torch.manual_seed(0)
+        model = GLIP(get_preset(preset))
+        torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+        del model
+        code = (
+            "import numpy as np\n"
+            "from glip import GLIP\n"
+            "from glip.bench import NAMES\n"
+            "from glip.runtime import peak_rss_mb\n"
+            f"m = GLIP.from_pretrained({str(path)!r}, config={preset!r}, device='cpu')\n"
+            "load = peak_rss_mb()\n"
+            f"img = np.random.default_rng(0).integers(0, 255, ({height}, {width}, 3), dtype=np.uint8)\n"
+            f"kw = dict(min_size={min(height, width)}, max_size={max(height, width)}, precision={precision!r})\n"
+            "m.predict(img, NAMES, **kw); m.predictor.clear_cache(); m.predict(img, NAMES, **kw)\n"
+            "print(load, peak_rss_mb())\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    load, predict = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return {"load": load, "predict": predict}
 
 
 def format_result(res: BenchResult, title: str | None = None) -> str:
@@ -225,7 +237,8 @@ def format_result(res: BenchResult, title: str | None = None) -> str:
     out += [f"{r.name:44s} {r.min_s:8.3f} {r.median_s:8.3f} {r.gflop:8.1f} {r.floor_s:8.3f} {_ratio(r):>7s}"
             for r in res.rows]
     if "peak_rss_mb" in m:
-        out.append(f"peak RSS of a fresh process (build, warm-up, 1 predict): {m['peak_rss_mb']:.0f} MB")
+        load = f"load from a .pth {m['load_peak_rss_mb']:.0f} MB, then " if "load_peak_rss_mb" in m else ""
+        out.append(f"peak RSS of a fresh process: {load}warm-up + 1 predict {m['peak_rss_mb']:.0f} MB")
     return "\n".join(out)
 
 

@@ -83,3 +83,13 @@ def test_reassociated_xmha_executes_fewer_flops():
 
 def test_gemm_rate_is_a_rate():
     assert gemm_rate(torch.device("cpu"), n=256, tries=2) > 1e8
+
+
+def test_fresh_process_peak_memory_loads_from_a_checkpoint():
+    from glip.bench import fresh_peak_rss_mb
+
+    peak = fresh_peak_rss_mb("toy", 96, 128)
+    assert 50 < peak["load"] <= peak["predict"]  # a high-water mark only rises
+    res = BenchResult({"preset": "toy", "height": 96, "width": 128, "device": "cpu", "threads": 1, "precision": "fp32",
+                       "runs": 1, "gemm_gflops": 1.0, "load_peak_rss_mb": peak["load"], "peak_rss_mb": peak["predict"]}, [])
+    assert f"load from a .pth {peak['load']:.0f} MB" in format_result(res)

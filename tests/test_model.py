@@ -136,6 +136,58 @@ def test_official_checkpoint_round_trip(tmp_path, fp16):
     assert ours_size < official_size / (3.5 if fp16 else 1.8)
 
 
+def _file_mappings(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of `path` (/proc/self/maps)."""
+    target = str(path.resolve())
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip() == target:
+                lo, hi = (int(a, 16) for a in parts[0].split("-"))
+                spans.append((lo, hi))
+    return spans
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_official_weights_stay_memory_mapped_and_training_leaves_the_file_alone(tmp_path):
+    torch.manual_seed(0)
+    model = GLIP(SMALL).eval()
+    _randomise(model)
+    path = tmp_path / "official.pth"
+    _official_file(model, path)
+    before = path.read_bytes()
+    a = GLIP.from_pretrained(path, config=SMALL, device="cpu")
+    spans = _file_mappings(path)
+    assert spans, "the checkpoint is not memory-mapped"
+    state = a.state_dict()
+    for k, v in state.items():  # every tensor is the file's, not a copy in the model's own memory
+        assert any(lo <= v.data_ptr() < hi for lo, hi in spans), k
+        assert torch.equal(v, model.state_dict()[k]), k
+    with torch.no_grad():  # what an optimiser step does: in-place writes, copy-on-write pages
+        for p in a.parameters():
+            p.add_(1.0)
+    assert path.read_bytes() == before
+    b = GLIP.from_pretrained(path, config=SMALL, device="cpu")
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    p = next(a.parameters())
+    assert torch.equal(p, next(model.parameters()) + 1.0)
+
+
+def test_checkpoint_of_another_dtype_is_converted(tmp_path):
+    torch.manual_seed(0)
+    model = GLIP(SMALL).eval()
+    _randomise(model)
+    sd = {"module." + k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    torch.save({"model": sd}, tmp_path / "half.pth")
+    a = GLIP.from_pretrained(tmp_path / "half.pth", config=SMALL, device="cpu")
+    for k, v in a.state_dict().items():
+        ref = model.state_dict()[k]
+        assert v.dtype == ref.dtype, k
+        assert torch.equal(v, ref.half().to(ref.dtype) if ref.is_floating_point() else ref), k
+
+
 def test_config_from_official_keys_json(tiny_fixture):
     cfg = GLIPConfig.load(tiny_fixture / "config.json")
     assert cfg.channels == 64 and cfg.num_dyhead_blocks == 2 and cfg.bert["num_attention_heads"] == 2
