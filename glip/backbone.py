@@ -29,24 +29,11 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
-# Inference runs the token-wise wide intermediates (the 4×-wide MLP hidden layer, window attention)
-# over slices of tokens whose widest intermediate is about this many bytes (at 800×1333 stage 1 has
-# 67,200 tokens: a 103 MB hidden layer in one piece; slices stay in cache and are reused by malloc).
+# Inference runs each block's two residual branches over slices of tokens, adding each slice's result into
+# the residual stream in place; a slice's widest intermediate (the 4×-wide MLP hidden layer, the window qkv)
+# is about this many bytes. At 800×1333 stage 1 has 67,200 tokens: the hidden layer in one piece is 103 MB,
+# and every whole-map intermediate (the normed map, its padded, rolled and window-ordered copies) is 26 MB.
 CHUNK_BYTES = 4 << 20
-
-
-def chunked(fn, n: int, step: int) -> torch.Tensor:
-    """fn(s, e) for rows [s, e) of [0, n) in slices of `step`, written into one output along dim 0.
-    Inference only (with autograd one slice): bounds the peak memory of fn's intermediates."""
-    if torch.is_grad_enabled() or n <= step:
-        return fn(0, n)
-    out = None
-    for s in range(0, n, step):
-        y = fn(s, min(n, s + step))
-        if out is None:
-            out = y.new_empty((n,) + y.shape[1:])
-        out[s:s + len(y)] = y
-    return out
 
 
 class Mlp(nn.Module):
@@ -55,10 +42,7 @@ class Mlp(nn.Module):
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        step = max(1, CHUNK_BYTES // (4 * self.fc1.out_features))
-        out = chunked(lambda s, e: self.fc2(self.act(self.fc1(rows[s:e]))), len(rows), step)
-        return out.view(*x.shape[:-1], -1)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -89,12 +73,17 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        Bw, N, _ = x.shape
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N): the learned relative position bias of every query / key pair of a window."""
+        N = self.window_size ** 2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
-        step = max(1, CHUNK_BYTES // (4 * N * self.qkv.out_features))  # windows per slice
-        return chunked(lambda s, e: self._attend(x[s:e], bias, mask, s), Bw, step)
+        return bias.view(N, N, -1).permute(2, 0, 1)
+
+    def windows_per_slice(self) -> int:
+        return max(1, CHUNK_BYTES // (4 * self.window_size ** 2 * self.qkv.out_features))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self._attend(x, self.position_bias(), mask, 0)
 
     def _attend(self, x: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, first: int) -> torch.Tensor:
         """Windows first … first + len(x) of the batch (window i has shift mask i mod nW)."""
@@ -121,6 +110,8 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, H, W, shift_mask):
+        if not torch.is_grad_enabled() and not self.training:
+            return self._forward_in_place(x, H, W, shift_mask)
         B, L, C = x.shape
         ws = self.window_size
         shortcut = x
@@ -135,11 +126,49 @@ class SwinBlock(nn.Module):
         if self.shift:
             x = torch.roll(x, (self.shift, self.shift), dims=(1, 2))
         x = x[:, :H, :W].reshape(B, H * W, C)
-        if not torch.is_grad_enabled():  # inference: the residual stream is updated in place (one buffer per stage)
-            x = shortcut.add_(x)
-            return x.add_(self.mlp(self.norm2(x)))
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_in_place(self, x, H, W, shift_mask):
+        """Inference: the same block, a slice of windows (then of tokens) at a time, added into `x` in place.
+        A window slice gathers its tokens' residual rows by index (what pad → roll → partition would lay out),
+        norms them, zeroes the padding slots (official pads the normed map with zeros), attends, and adds each
+        slot's output back to its token's row; no token is in two windows, so the slices never overlap."""
+        B, L, C = x.shape
+        N = self.window_size ** 2
+        rows = x.view(B * L, C)
+        slots = window_slots(B, H, W, self.window_size, self.shift, x.device)
+        bias, mask = self.attn.position_bias(), shift_mask if self.shift else None
+        step = self.attn.windows_per_slice()
+        for s in range(0, len(slots), step):
+            idx = slots[s:s + step].reshape(-1)
+            pad = idx < 0
+            if bool(pad.any()):
+                t = self.norm1(rows.index_select(0, idx.clamp(min=0)))
+                t[pad] = 0
+                out = self.attn._attend(t.view(-1, N, C), bias, mask, s).view(-1, C)
+                keep = ~pad
+                rows.index_add_(0, idx[keep], out[keep])
+            else:
+                out = self.attn._attend(self.norm1(rows.index_select(0, idx)).view(-1, N, C), bias, mask, s)
+                rows.index_add_(0, idx, out.view(-1, C))
+        step = max(1, CHUNK_BYTES // (4 * self.mlp.fc1.out_features))
+        for s in range(0, B * L, step):
+            r = rows[s:s + step]
+            r.add_(self.mlp(self.norm2(r)))
+        return x
+
+
+def window_slots(B: int, H: int, W: int, ws: int, shift: int, device) -> torch.Tensor:
+    """(B·nW, ws²): for every slot of every window, the row of its token in the (B·H·W, C) residual stream, or
+    -1 for a padding slot; the order F.pad → roll(−shift) → window_partition gives (roll: out[i] = in[i + shift])."""
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    i = (torch.arange(Hp, device=device) + shift) % Hp
+    j = (torch.arange(Wp, device=device) + shift) % Wp
+    tok = torch.where((i[:, None] < H) & (j[None, :] < W), i[:, None] * W + j[None, :], -1)
+    win = window_partition(tok.view(1, Hp, Wp, 1), ws).view(1, -1, ws * ws)
+    first = (torch.arange(B, device=device) * (H * W)).view(B, 1, 1)
+    return torch.where(win >= 0, win + first, -1).view(-1, ws * ws)
 
 
 class PatchMerging(nn.Module):

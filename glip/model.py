@@ -90,22 +90,29 @@ class GLIP(nn.Module):
         or None (stay on the CPU); predictions run there (fp16/bf16 via predict(precision=)).
 
         Nothing is allocated before the source is checked: the config's ranges, the config against the
-        tensor shapes, then every key and shape against this architecture built on the meta device."""
+        tensor shapes, then every key and shape against this architecture built on the meta device. When the file
+        holds every tensor, the model is not randomly initialised first, and an official .pth's memory-mapped
+        tensors become the model's own (read from disk as a forward first uses them)."""
         from .prompt_tuning import is_prompt_folder, load_prompt, prompt_base
 
         if is_prompt_folder(src):  # a tuned prompt on top of the base model its card names
             return load_prompt(cls.from_pretrained(prompt_base(src), config, device, dtype), src)
         dev = resolve_device(device) if device is not None else None
         pre = read_pretrained(src, config)
-        if pre.shapes is not None:
+        if pre.shapes is None:  # a preset: random weights
+            model = cls(pre.config)
+        else:
             with torch.device("meta"):
-                skeleton = cls(pre.config)
-            check_shapes({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, pre.shapes, pre.source,
-                         pre.config.name)
-            del skeleton
-        model = cls(pre.config)
-        if pre.shapes is not None:
-            load_state(model, pre.tensors(), pre.source)
+                model = cls(pre.config)
+            own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            check_shapes(own, pre.shapes, pre.source, pre.config.name)
+            sd = pre.tensors()
+            if own.keys() <= sd.keys():  # every tensor comes from the file: no random init to compute and discard
+                model = model.to_empty(device="cpu")
+            else:  # the file leaves some (ignorable) tensors at their initial values
+                model = cls(pre.config)
+            load_state(model, sd, pre.source)
+            del sd
         model.eval()
         if dev is not None or dtype is not None:
             model.to(device=dev, dtype=dtype)

@@ -175,6 +175,20 @@ def test_official_weights_stay_memory_mapped_and_training_leaves_the_file_alone(
     assert torch.equal(p, next(model.parameters()) + 1.0)
 
 
+def test_a_file_without_an_ignorable_group_keeps_its_initial_values(tmp_path):
+    torch.manual_seed(0)
+    model = GLIP(SMALL).eval()
+    _randomise(model)
+    sd = {"module." + k: v for k, v in model.state_dict().items() if not k.startswith("rpn.head.cls_logits.")}
+    torch.save({"model": sd}, tmp_path / "no_cls.pth")
+    a = GLIP.from_pretrained(tmp_path / "no_cls.pth", config=SMALL, device="cpu")
+    for k, v in a.state_dict().items():
+        if k.startswith("rpn.head.cls_logits."):  # initialised, not left as uninitialised memory
+            assert torch.isfinite(v).all() and not torch.equal(v, model.state_dict()[k]), k
+        else:
+            assert torch.equal(v, model.state_dict()[k]), k
+
+
 def test_checkpoint_of_another_dtype_is_converted(tmp_path):
     torch.manual_seed(0)
     model = GLIP(SMALL).eval()
@@ -371,6 +385,35 @@ def test_inference_slices_and_in_place_sums_match_the_autograd_forward(monkeypat
         torch.testing.assert_close(fa, fb.detach(), atol=2e-5, rtol=1e-5)
     for la, lb in zip(a.head.token_logits, b.head.token_logits):
         torch.testing.assert_close(la, lb.detach(), atol=2e-4, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 17), W=st.integers(1, 17), shift=st.booleans(),
+       chunk=st.sampled_from([64, 4096, 1 << 22]), seed=st.integers(0, 2**16))
+def test_swin_block_in_place_slices_equal_the_padded_rolled_partitioned_block(B, H, W, shift, chunk, seed):
+    """Inference gathers window slots by index and adds into the residual in place; training pads, rolls,
+    partitions and reverses whole maps. Same block, same values (float64), padding and shift masks included."""
+    import glip.backbone as backbone
+
+    torch.manual_seed(seed)
+    ws = 4
+    blk = backbone.SwinBlock(8, 2, ws, ws // 2 if shift else 0, 2.0, 0.0).double().eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.5)
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    mask = backbone.shift_window_mask(Hp, Wp, ws, ws // 2, "cpu").double()
+    x = torch.randn(B, H * W, 8, dtype=torch.float64)
+    ref = blk(x.clone(), H, W, mask)  # grad mode: the whole-map path
+    old, backbone.CHUNK_BYTES = backbone.CHUNK_BYTES, chunk
+    try:
+        with torch.no_grad():
+            y = x.clone()
+            out = blk(y, H, W, mask)
+    finally:
+        backbone.CHUNK_BYTES = old
+    assert out.data_ptr() == y.data_ptr()  # in place
+    torch.testing.assert_close(out, ref.detach(), atol=1e-12, rtol=1e-12)
 
 
 # --- model behaviour --------------------------------------------------------------------------------------
