@@ -180,9 +180,21 @@ class PatchMerging(nn.Module):
     def forward(self, x, H, W):
         B, L, C = x.shape
         x = x.view(B, H, W, C)
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        if not torch.is_grad_enabled():  # inference: a band of output rows at a time (no whole-map 4C-wide copies)
+            H2, W2 = (H + 1) // 2, (W + 1) // 2
+            out = x.new_empty(B, H2, W2, self.reduction.out_features)
+            step = max(1, CHUNK_BYTES // (4 * 4 * C * W2))
+            for r in range(0, H2, step):
+                out[:, r:r + step] = self._merge(x[:, 2 * r:2 * (r + step)], W)
+            return out.view(B, H2 * W2, -1)
+        return self._merge(x, W).view(B, -1, self.reduction.out_features)
+
+    def _merge(self, x, W):
+        """(B, h, W, C) rows → (B, ⌈h/2⌉, ⌈W/2⌉, 2C): each 2×2 neighbourhood (zero-padded at an odd edge)
+        concatenated (official order), normed and reduced."""
+        x = F.pad(x, (0, 0, 0, W % 2, 0, x.shape[1] % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+        return self.reduction(self.norm(x))
 
 
 def shift_window_mask(Hp: int, Wp: int, ws: int, shift: int, device) -> torch.Tensor:
@@ -254,7 +266,15 @@ class SwinTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
         B, C, H, W = x.shape
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C), channels strided
+        if torch.is_grad_enabled():
+            x = self.patch_embed.norm(x)
+        else:  # inference: normed a band of tokens at a time into one buffer (no whole-map transposed copy)
+            out = x.new_empty(x.shape)
+            step = max(1, CHUNK_BYTES // (4 * C))
+            for s in range(0, H * W, step):
+                out[:, s:s + step] = self.patch_embed.norm(x[:, s:s + step])
+            x = out
         outs = []
         for i, stage in enumerate(self.layers):
             out, x, Hn, Wn = stage(x, H, W)

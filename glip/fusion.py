@@ -19,6 +19,8 @@ from torch import nn
 
 from .config import CLAMP
 
+NORM_BAND_BYTES = 4 << 20  # inference normalises the flattened pyramid in bands of about this size
+
 
 @dataclass
 class FusionAttention:
@@ -139,15 +141,17 @@ class BiMultiHeadAttention(nn.Module):
         if self.training and self.dropout > 0:  # only when forced (path="reassociated"): masks over this layout
             p_v = F.dropout(p_v, self.dropout, True)
             p_l = F.dropout(p_l, self.dropout, True)
-        # image → text: the text values go through out_v_proj first (T × C per head), summed over heads by the GEMM.
-        Wo = self.out_v_proj.weight.view(C, H, hd)
-        vo = torch.einsum("bthd,chd->bhtc", vl, Wo).reshape(B, H * T, C)
-        dv = torch.baddbmm(self.out_v_proj.bias.to(vo.dtype), p_v.reshape(B, N, H * T), vo)
-        # text → image: pool the image first (heads·T × C), then through values_v_proj per head.
+        # text → image: pool the image first (heads·T × C), then through values_v_proj per head. Done before the
+        # image side so that p_l is freed before dv, the other image-sized result, is allocated.
         pooled = (p_l.reshape(B, N, H * T).transpose(1, 2) @ v).view(B, H, T, C)
         Wv, bv = self.values_v_proj.weight.view(H, hd, C), self.values_v_proj.bias.view(H, hd)
         ol = torch.einsum("bhtc,hdc->bthd", pooled, Wv) + p_l.sum(dim=1).transpose(1, 2)[..., None] * bv
         dl = self.out_l_proj(ol.reshape(B, T, H * hd))
+        del p_l
+        # image → text: the text values go through out_v_proj first (T × C per head), summed over heads by the GEMM.
+        Wo = self.out_v_proj.weight.view(C, H, hd)
+        vo = torch.einsum("bthd,chd->bhtc", vl, Wo).reshape(B, H * T, C)
+        dv = torch.baddbmm(self.out_v_proj.bias.to(vo.dtype), p_v.reshape(B, N, H * T), vo)
         return dv, dl, attn
 
 
@@ -174,7 +178,13 @@ class VLFuse(nn.Module):
         B, C = visual[0].shape[:2]
         v = torch.cat([x.flatten(2).transpose(1, 2) for x in visual], dim=1)  # (B, ΣHW, C)
         ba = self.b_attn
-        v, l = ba.layer_norm_v(v), ba.layer_norm_l(hidden)
+        if torch.is_grad_enabled():
+            v = ba.layer_norm_v(v)
+        else:  # inference: normed in place, a band of positions at a time (no second image-sized buffer)
+            step = max(1, NORM_BAND_BYTES // (v.element_size() * C))
+            for s in range(0, v.shape[1], step):
+                v[:, s:s + step] = ba.layer_norm_v(v[:, s:s + step])
+        l = ba.layer_norm_l(hidden)
         dv, dl, attn = ba.attn(v, l, masks, keep_attention)
         if self.enabled and not torch.is_grad_enabled():  # inference: the residual into the fresh LN output
             v = v.add_(dv.mul_(ba.gamma_v))

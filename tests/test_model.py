@@ -368,11 +368,13 @@ def test_offset_reinterpretation_is_a_memory_view_not_a_crop():
 
 # --- inference memory savings change no value ------------------------------------------------------------
 def test_inference_slices_and_in_place_sums_match_the_autograd_forward(monkeypatch):
-    """Inference runs Swin's MLP / window attention in slices of tokens, the residuals and the DyConv
-    branch sums in place; with autograd on, everything runs in one piece out of place. Same values."""
+    """Inference runs Swin's blocks, patch merging and the X-MHA input norm in slices of tokens, the residuals
+    and the DyConv branch sums in place; with autograd on, everything runs in one piece out of place. Same values."""
     import glip.backbone as backbone
+    import glip.fusion as fusion
 
     monkeypatch.setattr(backbone, "CHUNK_BYTES", 4096)  # many slices, including a partial last one
+    monkeypatch.setattr(fusion, "NORM_BAND_BYTES", 4096 + 12)  # the fused pyramid normed in uneven bands
     torch.manual_seed(0)
     cfg = get_preset("toy").replace(early_fusion=True)
     model = GLIP(cfg).eval()
@@ -413,6 +415,29 @@ def test_swin_block_in_place_slices_equal_the_padded_rolled_partitioned_block(B,
     finally:
         backbone.CHUNK_BYTES = old
     assert out.data_ptr() == y.data_ptr()  # in place
+    torch.testing.assert_close(out, ref.detach(), atol=1e-12, rtol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 13), W=st.integers(1, 13), chunk=st.sampled_from([64, 1 << 22]),
+       seed=st.integers(0, 2**16))
+def test_patch_merging_in_bands_equals_the_whole_map(B, H, W, chunk, seed):
+    import glip.backbone as backbone
+
+    torch.manual_seed(seed)
+    pm = backbone.PatchMerging(6).double()
+    with torch.no_grad():
+        for p in pm.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(B, H * W, 6, dtype=torch.float64)
+    ref = pm(x, H, W)  # grad mode: the whole map
+    old, backbone.CHUNK_BYTES = backbone.CHUNK_BYTES, chunk
+    try:
+        with torch.no_grad():
+            out = pm(x, H, W)
+    finally:
+        backbone.CHUNK_BYTES = old
+    assert out.shape == ref.shape == (B, ((H + 1) // 2) * ((W + 1) // 2), 12)
     torch.testing.assert_close(out, ref.detach(), atol=1e-12, rtol=1e-12)
 
 
