@@ -324,19 +324,54 @@ def _ours(folder: Path, user: GLIPConfig | None, source: str) -> Pretrained:
     return Pretrained(cfg, source, shapes, read)
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor into fresh (aligned) tensors with plain file reads.
+
+    safetensors' own loader returns views of a memory map, packed at 8-byte alignment: the model would
+    have to copy them while the mapped pages are resident too (two copies of the weights at the peak), and
+    unaligned operands take other kernel paths. Read here, the model takes these tensors as they are."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            size = path.stat().st_size
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+            start = 8 + n
+            out = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{name}: unsupported dtype {info['dtype']}")
+                shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+                t = torch.empty(shape, dtype=dtype)
+                if end - begin != t.numel() * t.element_size() or start + end > size:
+                    raise ValueError(f"{name}: data offsets {begin}..{end} do not hold a {info['dtype']} {shape} tensor")
+                f.seek(start + begin)
+                if t.numel() and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
+                    raise ValueError(f"{name}: the file ends inside its data")
+                out[name] = t
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+    return out
+
+
 def read_ours(folder: Path) -> tuple[dict[str, torch.Tensor], GLIPConfig]:
     """Tensors (fp16 widened to fp32; an excluded stock text encoder refilled) and the config of our folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     try:
         cfg = GLIPConfig.load(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    try:
-        sd = load_file(str(folder / "model.safetensors"))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{folder}/model.safetensors is not a valid safetensors file ({e})") from e
+    sd = read_safetensors(folder / "model.safetensors")
     sd = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in sd.items()}
     if cfg.text_encoder in TEXT_ENCODERS and not any(k.startswith(TEXT_PREFIX) for k in sd):
         sd.update({TEXT_PREFIX + "body.model." + k: v for k, v in TEXT_ENCODERS[cfg.text_encoder][0]().items()})

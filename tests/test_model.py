@@ -189,6 +189,47 @@ def test_a_file_without_an_ignorable_group_keeps_its_initial_values(tmp_path):
             assert torch.equal(v, model.state_dict()[k]), k
 
 
+def test_safetensors_reader_equals_the_library_and_refuses_damaged_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from glip.checkpoint import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).half(), "c": torch.randn(2, 3).bfloat16(),
+          "d": torch.arange(6).view(2, 3), "e": torch.tensor(3.5), "f": torch.zeros(0, 4), "g": torch.tensor([True, False]),
+          "h": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g)}
+    save_file(sd, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    ours, ref = read_safetensors(tmp_path / "m.safetensors"), load_file(tmp_path / "m.safetensors")
+    assert ours.keys() == ref.keys() == sd.keys()
+    for k, v in ref.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+        assert ours[k].data_ptr() % 64 == 0 or ours[k].numel() == 0, k
+    data = (tmp_path / "m.safetensors").read_bytes()
+    for name, bad in (("truncated", data[:-5]), ("garbage", b"\x10" + data[1:]), ("empty", b""), ("short", data[:12])):
+        (tmp_path / f"{name}.safetensors").write_bytes(bad)
+        with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+            read_safetensors(tmp_path / f"{name}.safetensors")
+
+
+def test_our_format_loads_into_aligned_weights_without_a_copy(tmp_path, monkeypatch):
+    import glip.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    model = GLIP(SMALL).eval()
+    _randomise(model)
+    model.save_pretrained(tmp_path / "ours")
+    read, original = {}, checkpoint.read_safetensors
+
+    def spy(path):
+        read.update(original(path))
+        return read
+    monkeypatch.setattr(checkpoint, "read_safetensors", spy)
+    a = GLIP.from_pretrained(tmp_path / "ours", device="cpu")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+        assert v.data_ptr() == read[k].data_ptr(), k  # the model holds the tensors that were read
+
+
 def test_checkpoint_of_another_dtype_is_converted(tmp_path):
     torch.manual_seed(0)
     model = GLIP(SMALL).eval()
