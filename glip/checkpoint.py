@@ -27,6 +27,7 @@ import torch
 
 from .config import PRESETS, GLIPConfig, get_preset
 from .errors import CheckpointError, ConfigError
+from .tensorfile import ALIGNMENT, read_safetensors, write_safetensors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FORMAT_VERSION = 1
@@ -212,9 +213,6 @@ def check_shapes(own: Shapes, found: Shapes, source: str, name: str = "GLIP") ->
         raise CheckpointError(f"{source} does not match the GLIP architecture ({name}): " + "; ".join(problems))
 
 
-ALIGNMENT = 64  # bytes: c10's CPU allocator alignment
-
-
 def load_state(model, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strict load that names every missing / unexpected / mis-shaped key (ignorable groups aside)."""
     own = model.state_dict()
@@ -241,8 +239,6 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
 
     exclude_text_encoder=True leaves the `language_backbone.*` tensors out (a frozen, stock text encoder:
     `read_ours` refills them from the pip-packaged weights named by `config.text_encoder`)."""
-    from safetensors.torch import save_file
-
     from .datasets.writers import atomic_write_text
 
     if exclude_text_encoder and model.config.text_encoder not in TEXT_ENCODERS:
@@ -261,10 +257,10 @@ def save_model(model, out_dir: str | Path, fp16: bool = False, exclude_text_enco
     meta = {"format": "glip-explorer", "version": str(FORMAT_VERSION)}
     if exclude_text_encoder:
         meta["text_encoder_excluded"] = model.config.text_encoder
-    # Written under a temporary name and renamed, so an interrupted save never leaves a truncated model; safetensors
-    # creates its file owner-only, so the mode a plain open() would give is set back.
+    # Written under a temporary name and renamed, so an interrupted save never leaves a truncated model (and a
+    # process that has the old file memory-mapped keeps reading the old inode).
     tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata=meta)
+    write_safetensors(sd, tmp, metadata=meta)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, out / "model.safetensors")
     atomic_write_text(out / "config.json", json.dumps(model.config.to_dict(), indent=1))
@@ -322,46 +318,6 @@ def _ours(folder: Path, user: GLIPConfig | None, source: str) -> Pretrained:
     def read() -> dict[str, torch.Tensor]:
         return read_ours(folder)[0]
     return Pretrained(cfg, source, shapes, read)
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file read tensor by tensor into fresh (aligned) tensors with plain file reads.
-
-    safetensors' own loader returns views of a memory map, packed at 8-byte alignment: the model would
-    have to copy them while the mapped pages are resident too (two copies of the weights at the peak), and
-    unaligned operands take other kernel paths. Read here, the model takes these tensors as they are."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            size = path.stat().st_size
-            if not 2 <= n <= size - 8:
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
-            start = 8 + n
-            out = {}
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{name}: unsupported dtype {info['dtype']}")
-                shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
-                t = torch.empty(shape, dtype=dtype)
-                if end - begin != t.numel() * t.element_size() or start + end > size:
-                    raise ValueError(f"{name}: data offsets {begin}..{end} do not hold a {info['dtype']} {shape} tensor")
-                f.seek(start + begin)
-                if t.numel() and f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
-                    raise ValueError(f"{name}: the file ends inside its data")
-                out[name] = t
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
-    return out
 
 
 def read_ours(folder: Path) -> tuple[dict[str, torch.Tensor], GLIPConfig]:

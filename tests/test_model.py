@@ -189,45 +189,58 @@ def test_a_file_without_an_ignorable_group_keeps_its_initial_values(tmp_path):
             assert torch.equal(v, model.state_dict()[k]), k
 
 
-def test_safetensors_reader_equals_the_library_and_refuses_damaged_files(tmp_path):
+def _mixed_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).half(), "c": torch.randn(2, 3).bfloat16(),
+            "d": torch.arange(6).view(2, 3), "e": torch.tensor(3.5), "f": torch.zeros(0, 4), "g": torch.tensor([True, False]),
+            "h": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g), "w": torch.randn(64, 32, generator=g),
+            "x": torch.randn(16, generator=g).double()}
+
+
+@pytest.mark.parametrize("writer", ["library", "ours"])
+def test_safetensors_files_read_and_written_here_equal_the_library(tmp_path, writer):
     from safetensors.torch import load_file, save_file
 
-    from glip.checkpoint import read_safetensors
+    from glip.tensorfile import read_safetensors, write_safetensors
 
-    g = torch.Generator().manual_seed(0)
-    sd = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).half(), "c": torch.randn(2, 3).bfloat16(),
-          "d": torch.arange(6).view(2, 3), "e": torch.tensor(3.5), "f": torch.zeros(0, 4), "g": torch.tensor([True, False]),
-          "h": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g)}
-    save_file(sd, tmp_path / "m.safetensors", metadata={"format": "pt"})
-    ours, ref = read_safetensors(tmp_path / "m.safetensors"), load_file(tmp_path / "m.safetensors")
+    sd, path = _mixed_tensors(), tmp_path / "m.safetensors"
+    (save_file if writer == "library" else write_safetensors)(sd, path, metadata={"format": "pt"})
+    ours, ref = read_safetensors(path), load_file(path)  # the library reads our files too
     assert ours.keys() == ref.keys() == sd.keys()
-    for k, v in ref.items():
-        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+    for k, v in sd.items():
+        for got in (ours[k], ref[k]):
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
         assert ours[k].data_ptr() % 64 == 0 or ours[k].numel() == 0, k
-    data = (tmp_path / "m.safetensors").read_bytes()
+    data = path.read_bytes()
+    if writer == "ours":
+        assert (8 + int.from_bytes(data[:8], "little")) % 64 == 0  # the data starts aligned
     for name, bad in (("truncated", data[:-5]), ("garbage", b"\x10" + data[1:]), ("empty", b""), ("short", data[:12])):
         (tmp_path / f"{name}.safetensors").write_bytes(bad)
         with pytest.raises(CheckpointError, match="not a valid safetensors file"):
             read_safetensors(tmp_path / f"{name}.safetensors")
 
 
-def test_our_format_loads_into_aligned_weights_without_a_copy(tmp_path, monkeypatch):
-    import glip.checkpoint as checkpoint
-
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_our_format_weights_stay_memory_mapped_and_training_leaves_the_file_alone(tmp_path):
     torch.manual_seed(0)
     model = GLIP(SMALL).eval()
     _randomise(model)
     model.save_pretrained(tmp_path / "ours")
-    read, original = {}, checkpoint.read_safetensors
-
-    def spy(path):
-        read.update(original(path))
-        return read
-    monkeypatch.setattr(checkpoint, "read_safetensors", spy)
+    path = tmp_path / "ours" / "model.safetensors"
+    before = path.read_bytes()
     a = GLIP.from_pretrained(tmp_path / "ours", device="cpu")
+    spans = _file_mappings(path)
+    mapped = total = 0
     for k, v in a.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
-        assert v.data_ptr() == read[k].data_ptr(), k  # the model holds the tensors that were read
+        inside = any(lo <= v.data_ptr() < hi for lo, hi in spans)
+        assert inside or v.nbytes % 64, k  # every 64-byte multiple is written aligned and mapped, not copied
+        mapped, total = mapped + inside * v.nbytes, total + v.nbytes
+    assert mapped > 0.95 * total
+    with torch.no_grad():
+        for p in a.parameters():
+            p.mul_(2.0)
+    assert path.read_bytes() == before
 
 
 def test_checkpoint_of_another_dtype_is_converted(tmp_path):
