@@ -241,6 +241,11 @@ def test_our_format_weights_stay_memory_mapped_and_training_leaves_the_file_alon
         for p in a.parameters():
             p.mul_(2.0)
     assert path.read_bytes() == before
+    a.save_pretrained(tmp_path / "ours")  # over the file it is mapped from: a new file renamed into place
+    b = GLIP.from_pretrained(tmp_path / "ours", device="cpu")
+    for k, v in b.state_dict().items():
+        ref = model.state_dict()[k]
+        assert torch.equal(v, ref * 2 if ref.is_floating_point() and k in dict(model.named_parameters()) else ref), k
 
 
 def test_checkpoint_of_another_dtype_is_converted(tmp_path):
