@@ -148,10 +148,10 @@ class SwinBlock(nn.Module):
                 t[pad] = 0
                 out = self.attn._attend(t.view(-1, N, C), bias, mask, s).view(-1, C)
                 keep = ~pad
-                rows.index_add_(0, idx[keep], out[keep])
+                rows.index_add_(0, idx[keep], out[keep].to(rows.dtype))
             else:
                 out = self.attn._attend(self.norm1(rows.index_select(0, idx)).view(-1, N, C), bias, mask, s)
-                rows.index_add_(0, idx, out.view(-1, C))
+                rows.index_add_(0, idx, out.view(-1, C).to(rows.dtype))  # (index_add_ needs one dtype)
         step = max(1, CHUNK_BYTES // (4 * self.mlp.fc1.out_features))
         for s in range(0, B * L, step):
             r = rows[s:s + step]

@@ -219,10 +219,9 @@ def load_state(model, sd: dict[str, torch.Tensor], source: str = "checkpoint") -
     check_shapes(shapes_of(own), shapes_of(sd), source, model.config.name)
     # The model takes the file's tensors as its own (assign) instead of copying them into its initial weights:
     # a memory-mapped checkpoint then stays on disk until a forward reads it (copy-on-write if trained), so a
-    # load never holds two copies (GLIP-T: ~2.1 GB → ~1.2 GB peak) and rows never read (most of BERT's
-    # 30522-word table) never become resident. Copied instead: a tensor of another dtype or device, and one not
-    # at torch's 64-byte alignment (safetensors packs tensors at 8 bytes; unaligned operands take other kernel
-    # paths, whose sums differ in the last bits from the same weights in the model's own memory).
+    # load never holds two copies and rows never read (most of BERT's word table) never become resident.
+    # Copied instead: a tensor of another dtype or device, and one off torch's 64-byte alignment (unaligned
+    # operands take other kernel paths, whose sums differ in the last bits from the same weights copied).
     take, copy = {}, {}
     for k, v in sd.items():
         if k in own:
