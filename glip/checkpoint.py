@@ -28,6 +28,7 @@ import torch
 from .config import PRESETS, GLIPConfig, get_preset
 from .errors import CheckpointError, ConfigError
 from .tensorfile import ALIGNMENT, read_safetensors, write_safetensors
+from .tensorfile import read_header as read_safetensors_header
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FORMAT_VERSION = 1
@@ -276,13 +277,7 @@ def _umask() -> int:
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a safetensors file, from its header alone (no tensor is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is a bad checkpoint
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e.__class__.__name__}: {e})") from None
+    return {k: shape for k, (_, shape, _, _) in read_safetensors_header(path)[1].items()}
 
 
 @dataclass

@@ -26,8 +26,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 # glibc serves an allocation from its own memory mapping, returned to the OS when freed, above this size.
 # Its default threshold starts at 128 KiB but rises to the size of each large block freed (up to 32 MiB), so
 # after the first predict the activations of the next ones are carved out of a heap that fragments and does
-# not shrink (GLIP-T at 800×1333: ~90 MB more peak). Every mapping is zero-filled by the kernel when first
-# touched: a lower threshold saves more memory and costs more time (docs/performance.md).
+# not shrink. Every mapping is zero-filled by the kernel when first touched: a lower threshold saves more
+# memory and costs more time (docs/performance.md).
 HEAP_MMAP_THRESHOLD = 16 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 _heap_policy = {"done": False, "applied": False}

@@ -55,9 +55,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
                 f.write(_bytes(tensors[k].detach().cpu()))
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file: aligned ones memory-mapped (copy-on-write), the others read into
-    fresh memory. A damaged file raises CheckpointError."""
+def read_header(path: str | Path) -> tuple[int, dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """The header of a safetensors file, checked against the file's size: (where the data starts, name →
+    (dtype, shape, first byte, end byte) relative to it). Nothing else is read. A damaged header raises
+    CheckpointError."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -66,28 +67,42 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             if not 2 <= n <= size - 8:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(f.read(n))
-            start, mapped, out = 8 + n, None, {}
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{name}: unsupported dtype {info['dtype']}")
-                shape, (begin, end) = [int(d) for d in info["shape"]], (int(o) for o in info["data_offsets"])
-                numel = int(np.prod(shape, dtype=np.int64))
-                if end - begin != numel * dtype.itemsize or begin < 0 or start + end > size:
-                    raise ValueError(f"{name}: data offsets {begin}..{end} do not hold a {info['dtype']} {shape} tensor")
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{name}: unsupported dtype {info['dtype']}")
+            shape, (begin, end) = tuple(int(d) for d in info["shape"]), (int(o) for o in info["data_offsets"])
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0 or 8 + n + end > size:
+                raise ValueError(f"{name}: data offsets {begin}..{end} do not hold a {info['dtype']} {list(shape)} tensor")
+            entries[name] = (dtype, shape, begin, end)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+    return 8 + n, entries
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file: aligned ones memory-mapped (copy-on-write), the others read into
+    fresh memory. A damaged file raises CheckpointError."""
+    path = Path(path)
+    start, entries = read_header(path)
+    mapped, out = None, {}
+    try:
+        with open(path, "rb") as f:
+            for name, (dtype, shape, begin, end) in entries.items():
                 pos = start + begin
-                if numel and pos % ALIGNMENT == 0:  # the map starts at a page, so the address is aligned too
+                if end > begin and pos % ALIGNMENT == 0:  # the map starts at a page, so the address is aligned too
                     if mapped is None:
                         mapped = np.memmap(path, dtype=np.uint8, mode="c")
                     out[name] = torch.from_numpy(mapped[pos:start + end]).view(dtype).view(shape)
                     continue
                 t = torch.empty(shape, dtype=dtype)
                 f.seek(pos)
-                if numel and f.readinto(_bytes(t)) != end - begin:
+                if end > begin and f.readinto(_bytes(t)) != end - begin:
                     raise ValueError(f"{name}: the file ends inside its data")
                 out[name] = t
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
     return out
