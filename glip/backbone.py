@@ -280,7 +280,7 @@ class SwinTransformer(nn.Module):
             out, x, Hn, Wn = stage(x, H, W)
             norm = getattr(self, f"norm{i}") if i > 0 else None
             out = norm(out) if norm is not None else out
-            outs.append(out.view(B, H, W, -1).permute(0, 3, 1, 2).contiguous())
+            outs.append(out.view(B, H, W, -1).permute(0, 3, 1, 2))  # NCHW shape, channels-last memory: no copy
             H, W = Hn, Wn
         return outs
 

@@ -7,6 +7,11 @@ weighted by bilinear × modulation weights (one fused `embedding_bag`; a corner 
 reads an all-zero row, the DCNv2 kernel's rule, which also makes 1-pixel maps exact), in chunks
 of positions whose columns stay in cache. When torchvision's `deform_conv2d` imports it is used
 instead (same offset/mask layout).
+
+The plain 3×3 conv that predicts the offsets reads the same zero-bordered table: one GEMM gives every
+pixel's contribution to all 9 taps, and 9 shifted slices of it are summed (a 27-channel conv is a
+narrow GEMM, slow in im2col form). Each level's table is built once per block and shared by the
+offset conv and the three DCNs that read that level.
 """
 from __future__ import annotations
 
@@ -34,6 +39,23 @@ def sample_table(x: torch.Tensor) -> torch.Tensor:
     t = x.new_zeros(B, H + 3, W + 3, C)
     t[:, 1:H + 1, 1:W + 1] = x.permute(0, 2, 3, 1)
     return t.view(B, (H + 3) * (W + 3), C)
+
+
+def conv3x3_from_table(table: torch.Tensor, H: int, W: int, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """3×3 conv, stride 1, zero padding 1, of the map held by `sample_table` (B, (H+3)·(W+3), C).
+    Y = table · [W_tap]ᵀ for all 9 taps at once; the output at (i, j) sums tap (a, b) of the table row of
+    pixel (i + a - 1, j + b - 1), i.e. table position (i + a, j + b). Returns (B, O, H, W), channels-last."""
+    B, _, C = table.shape
+    O = weight.shape[0]
+    Y = (table @ weight.permute(1, 2, 3, 0).reshape(C, 9 * O)).view(B, H + 3, W + 3, 3, 3, O)
+    out = Y[:, :H, :W, 0, 0] + (bias if bias is not None else 0)
+    for a in range(3):
+        for b in range(3):
+            if a or b:
+                tap = Y[:, a:a + H, b:b + W, a, b]
+                out = out.add_(tap) if not torch.is_grad_enabled() else out + tap
+    return out.permute(0, 3, 1, 2)
 
 
 def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: int, kw: int,
@@ -67,10 +89,11 @@ def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: 
 
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, stride: int = 1, padding: int = 1, dilation: int = 1,
-                  use_torchvision: bool | None = None) -> torch.Tensor:
+                  use_torchvision: bool | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
     """Modulated deformable conv. offset (B, 2K, Ho, Wo) with (dy, dx) per tap k = i*kw + j,
     mask (B, K, Ho, Wo). Sample (h*s - p + i*d + dy, w*s - p + j*d + dx); corners outside the
-    map read 0 (the DCNv2 im2col kernel's rule). Returns (B, O, Ho, Wo) in channels-last memory."""
+    map read 0 (the DCNv2 im2col kernel's rule). Returns (B, O, Ho, Wo) in channels-last memory.
+    `table`: `sample_table(x)` when the caller already has it."""
     if use_torchvision is None:
         use_torchvision = _tv_deform_conv2d is not None
     if use_torchvision:
@@ -83,7 +106,7 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
     K = kh * kw
     Ho, Wo = offset.shape[-2:]
     rows, wts = bilinear_taps(offset, mask, H, W, kh, kw, stride, padding, dilation)
-    table = sample_table(x)
+    table = sample_table(x) if table is None else table
     wts = wts.to(table.dtype)
     w = weight.permute(0, 2, 3, 1).reshape(O, K * C)  # columns in (tap, channel) order, as gathered
     P, step = Ho * Wo, max(1, CHUNK_ROWS // K)
@@ -119,10 +142,10 @@ class ModulatedDeformConv(nn.Module):
         k = self.weight.shape[-1]
         return ((h + 2 * self.padding - k) // self.stride + 1, (w + 2 * self.padding - k) // self.stride + 1)
 
-    def forward(self, x, offset, mask):
+    def forward(self, x, offset, mask, table=None):
         Ho, Wo = self.out_size(*x.shape[-2:])
         offset, mask = reinterpret(offset, Ho, Wo), reinterpret(mask, Ho, Wo)
-        return deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding)
+        return deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding, table=table)
 
 
 def reinterpret(t: torch.Tensor, Ho: int, Wo: int) -> torch.Tensor:
@@ -141,8 +164,8 @@ class Conv3x3Norm(nn.Module):
         self.conv = ModulatedDeformConv(cin, cout, 3, stride, 1)
         self.bn = nn.GroupNorm(groups, cout)
 
-    def forward(self, x, offset, mask):
-        return self.bn(self.conv(x, offset, mask))
+    def forward(self, x, offset, mask, table=None):
+        return self.bn(self.conv(x, offset, mask, table))
 
 
 def h_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -194,16 +217,28 @@ class DyConv(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         infer = not torch.is_grad_enabled()
+        tv = _tv_deform_conv2d is not None  # torchvision's kernel reads the map itself
+        # every level's zero-bordered table, built once when first read, dropped after its last reader
+        tables: dict[int, torch.Tensor] = {}
+
+        def table(i):
+            if tv:
+                return None
+            if i not in tables:
+                tables[i] = sample_table(feats[i])
+            return tables[i]
+
         out = []
         for l, x in enumerate(feats):
-            om = self.offset(x)
+            om = self.offset(x) if tv else conv3x3_from_table(table(l), *x.shape[-2:], self.offset.weight,
+                                                                self.offset.bias)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
-            branches = [lambda: self.DyConv[1](x, offset, mask)]
+            branches = [lambda: self.DyConv[1](x, offset, mask, table(l))]
             if l > 0:
-                branches.append(lambda: self.DyConv[2](feats[l - 1], offset, mask))
+                branches.append(lambda: self.DyConv[2](feats[l - 1], offset, mask, table(l - 1)))
             if l < len(feats) - 1:
-                branches.append(lambda: F.interpolate(self.DyConv[0](feats[l + 1], offset, mask), size=x.shape[-2:],
-                                                      mode="bilinear", align_corners=True))
+                branches.append(lambda: F.interpolate(self.DyConv[0](feats[l + 1], offset, mask, table(l + 1)),
+                                                      size=x.shape[-2:], mode="bilinear", align_corners=True))
             # mean over branches of branch × its scale attention, accumulated one branch at a time
             fea = None
             for branch in branches:
@@ -212,6 +247,7 @@ class DyConv(nn.Module):
                 term = b.mul_(a) if infer else b * a
                 fea = term if fea is None else (fea.add_(term) if infer else fea + term)
                 del b, term
+            tables.pop(l - 1, None)  # no later level reads level l-1
             fea = fea.div_(len(branches)) if infer else fea / len(branches)
             out.append(self.relu(fea))
             del fea

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import KEYS, REPO, fixture_dirs
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -417,6 +418,31 @@ def test_dcn_torchvision_path_agrees():
         a = deform_conv2d(x, off, m, w, b, s, 1, use_torchvision=False)
         t = deform_conv2d(x, off, m, w, b, s, 1, use_torchvision=True)
         assert torch.allclose(a, t, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), C=st.integers(1, 6), O=st.integers(1, 30), H=st.integers(1, 9), W=st.integers(1, 9),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_offset_conv_from_the_sample_table_equals_conv2d(B, C, O, H, W, bias, seed):
+    """The offset conv as one GEMM over the zero-bordered table plus 9 shifted sums: F.conv2d's values
+    (float64), at inference (sums in place) and under autograd (same gradients)."""
+    from glip.dyhead import conv3x3_from_table, sample_table
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, C, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(O, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = F.conv2d(x, w, b, padding=1)
+    with torch.no_grad():
+        inf = conv3x3_from_table(sample_table(x), H, W, w, b)
+    out = conv3x3_from_table(sample_table(x), H, W, w, b)
+    assert out.shape == ref.shape == inf.shape
+    torch.testing.assert_close(inf, ref.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    params = [x, w] + ([b] if bias else [])
+    for ga, gr in zip(torch.autograd.grad(out, params, gy), torch.autograd.grad(ref, params, gy)):
+        torch.testing.assert_close(ga, gr, atol=1e-12, rtol=1e-12)
 
 
 def test_offset_reinterpretation_is_a_memory_view_not_a_crop():
