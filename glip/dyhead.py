@@ -26,9 +26,13 @@ try:  # optional fast path; torchvision cannot be installed beside the CPU torch
 except Exception:  # pragma: no cover - depends on the environment
     _tv_deform_conv2d = None
 
-# Gathered rows (positions × taps) per GEMM chunk: 4 MB of fp32 columns at 256 channels, which
+# Gathered rows (positions × taps) per GEMM chunk: 8 MB of fp32 columns at 256 channels, which
 # stay in cache between the gather and the GEMM (whole-map columns are 155 MB at 800×1333).
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 8192
+# fp32 CPU inference: MKL's GEMM with the weight packed once per call (`_mkl_linear`, the op torch's own
+# frozen-graph linear uses) when a call has at least this many full chunks to amortise the packing.
+PACK_MIN_CHUNKS = 4
+_MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
 
 
 def sample_table(x: torch.Tensor) -> torch.Tensor:
@@ -111,13 +115,20 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
     w = weight.permute(0, 2, 3, 1).reshape(O, K * C)  # columns in (tap, channel) order, as gathered
     P, step = Ho * Wo, max(1, CHUNK_ROWS // K)
     keep = torch.is_grad_enabled()  # autograd: keep the chunks and concatenate; inference: write in place
+    packed = None
+    if (not keep and _MKL_LINEAR is not None and x.device.type == "cpu" and table.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and B * (P // step) >= PACK_MIN_CHUNKS):
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, step)
     out, pieces = None, []
     for b in range(B):
         for s in range(0, P, step):
             e = min(P, s + step)
             cols = F.embedding_bag(rows[b, s * K:e * K], table[b], per_sample_weights=wts[b, s * K:e * K], mode="sum")
             cols = cols.view(e - s, K * C)
-            y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+            if packed is not None:  # (a last, shorter chunk runs MKL's plain GEMM: same as addmm)
+                y = _MKL_LINEAR(cols, packed, w, bias, step)
+            else:
+                y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
             if keep:
                 pieces.append(y)
                 continue

@@ -378,6 +378,33 @@ def test_dcn_chunked_columns_match_naive_kernel(monkeypatch):
         assert torch.allclose(inf, ref, atol=1e-9) and torch.allclose(grad.detach(), ref, atol=1e-9)
 
 
+def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch):
+    """fp32 CPU inference multiplies the columns by a once-packed weight (MKL); full chunks take the packed
+    kernel, a shorter last chunk the plain one. Same values as the float64 reference, at fp32 rounding."""
+    import glip.dyhead as dyhead
+
+    if dyhead._MKL_LINEAR is None:
+        pytest.skip("torch built without MKL")
+    calls = []
+    monkeypatch.setattr(dyhead, "_MKL_LINEAR", lambda *a: calls.append(a[0].shape[0]) or torch.ops.mkl._mkl_linear(*a))
+    monkeypatch.setattr(dyhead, "CHUNK_ROWS", 9 * 7)
+    monkeypatch.setattr(dyhead, "PACK_MIN_CHUNKS", 2)
+    g = torch.Generator().manual_seed(6)
+    for H, W, stride in ((6, 5, 1), (9, 8, 2)):
+        x = torch.randn(2, 5, H, W, generator=g, dtype=torch.float64)
+        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+        offset = torch.randn(2, 18, Ho, Wo, generator=g, dtype=torch.float64) * 2
+        mask = torch.rand(2, 9, Ho, Wo, generator=g, dtype=torch.float64)
+        weight, bias = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+        ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
+        calls.clear()
+        with torch.no_grad():
+            ours = deform_conv2d(x.float(), offset.float(), mask.float(), weight.float(), bias.float(), stride, 1,
+                                 use_torchvision=False)
+        assert len(calls) == 2 * -(-Ho * Wo // 7) and 7 in calls  # every chunk, full ones included
+        torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_dcn_gradients_match_finite_differences():
     """Training backpropagates through the gather: to the map, the offsets, the modulation and the weights."""
     g = torch.Generator().manual_seed(4)
