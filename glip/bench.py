@@ -11,6 +11,7 @@ across machines.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,14 @@ if _SDPA_CPU is not None and _SDPA_CPU not in flop_counter.flop_registry:
     @flop_counter.register_flop_formula(_SDPA_CPU)
     def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# MKL's packed-weight linear (the DCN's GEMM in fp32 CPU inference): input (M, K) times orig_weight (N, K)ᵀ.
+_MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
+if _MKL_LINEAR is not None and _MKL_LINEAR not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(_MKL_LINEAR)
+    def _mkl_linear_flop(input_shape, packed_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
 
 
 def count_flops(fn) -> int:

@@ -81,6 +81,22 @@ def test_reassociated_xmha_executes_fewer_flops():
     assert flops["reassociated"] < flops["direct"] / 5
 
 
+def test_dcn_flops_are_counted_on_every_gemm_path(monkeypatch):
+    """The DCN's GEMM is counted whether it runs as addmm, matmul (no bias) or MKL's packed linear: 2·P·K·C·O."""
+    import glip.dyhead as dyhead
+    from glip.dyhead import deform_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(1, 16, 20, 25, generator=g), torch.randn(8, 16, 3, 3, generator=g), torch.randn(8, generator=g)
+    off, m = torch.randn(1, 18, 20, 25, generator=g), torch.rand(1, 9, 20, 25, generator=g)
+    expected = 2 * 20 * 25 * 9 * 16 * 8
+    monkeypatch.setattr(dyhead, "CHUNK_ROWS", 9 * 50)
+    for pack_min, bias in ((1, b), (10 ** 9, b), (10 ** 9, None), (1, None)):
+        monkeypatch.setattr(dyhead, "PACK_MIN_CHUNKS", pack_min)
+        with torch.no_grad():
+            assert count_flops(lambda: deform_conv2d(x, off, m, w, bias, use_torchvision=False)) == expected
+
+
 def test_gemm_rate_is_a_rate():
     assert gemm_rate(torch.device("cpu"), n=256, tries=2) > 1e8
 
