@@ -20,6 +20,7 @@ from torch import nn
 from .config import CLAMP
 
 NORM_BAND_BYTES = 4 << 20  # inference normalises the flattened pyramid in bands of about this size
+LOGIT_BAND_BYTES = 4 << 20  # CPU inference: image positions per band of logits (B · band · heads·T values)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class BiMultiHeadAttention(nn.Module):
         text→image   p_l,hᵀ (v Wv_hᵀ + bv_h)      = (p_l,hᵀ v) Wv_hᵀ + (Σ_n p_l,h) bv_h
       so no (N_img × 2048) tensor exists; the logits A (N_img × heads·T), their clamp, the padding fill
       and both softmaxes are the same values in the same places.
+    CPU inference that does not capture the attention maps runs the re-associated order in bands of image
+    positions (`_forward_banded`): the same products, with no pyramid-sized logits.
     `path` = "auto" takes the cheaper order by multiply-add count, except in training with dropout: the
     dropout masks are drawn over the (B, heads, N, T) layout of the direct order, which keeps training
     runs' random streams as they were.
@@ -91,6 +94,8 @@ class BiMultiHeadAttention(nn.Module):
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, mask_l: torch.Tensor, keep_attention: bool = False):
         if self.reassociates(v.shape[1], l.shape[1]):
+            if not torch.is_grad_enabled() and v.device.type == "cpu" and not (self.training and self.dropout > 0):
+                return self._forward_banded(v, l, mask_l, keep_attention)
             return self._forward_reassociated(v, l, mask_l, keep_attention)
         return self._forward_direct(v, l, mask_l, keep_attention)
 
@@ -109,7 +114,11 @@ class BiMultiHeadAttention(nn.Module):
         # image → text: mask padded tokens (-9e15, as official; fp16's floor -65504 in half precision,
         # below the ±CLAMP logits, so the same zeros after softmax) and softmax over tokens.
         pad = (mask_l == 0)[:, None, None, :]
-        p_v = (A.masked_fill_(pad, _fill(A)) if inplace else A.masked_fill(pad, _fill(A))).softmax(dim=-1)
+        if not inplace:
+            A = A.masked_fill(pad, _fill(A))
+        elif _has_padding(pad):
+            A.masked_fill_(pad, _fill(A))
+        p_v = A.softmax(dim=-1)
         attn = None
         if keep_attention:
             attn = (p_v, p_l.transpose(-1, -2))
@@ -121,12 +130,8 @@ class BiMultiHeadAttention(nn.Module):
 
     def _forward_reassociated(self, v, l, mask_l, keep_attention):
         B, N, C = v.shape
-        T, H, hd = l.shape[1], self.num_heads, self.head_dim
-        k = self.l_proj(l).view(B, T, H, hd)
-        vl = self.values_l_proj(l).view(B, T, H, hd)
-        Wq, bq = self.v_proj.weight.view(H, hd, C), self.v_proj.bias.view(H, hd)
-        kq = torch.einsum("bthd,hdc->bhtc", k, Wq).reshape(B, H * T, C) * self.scale  # text keys in v-space
-        bias = torch.einsum("bthd,hd->bht", k, bq).reshape(B, 1, H * T) * self.scale
+        T, H = l.shape[1], self.num_heads
+        kq, bias, vo = self._fold_text(l)
         # Logits laid out (B, N_img, heads, T): both softmaxes and all three products are then plain GEMMs.
         A = torch.baddbmm(bias, v, kq.transpose(1, 2)).view(B, N, H, T)
         inplace = not torch.is_grad_enabled()
@@ -134,7 +139,9 @@ class BiMultiHeadAttention(nn.Module):
         p_l = A.softmax(dim=1)  # text → image, over image positions (as in the direct order)
         pad = (mask_l == 0)[:, None, None, :]
         if inplace:  # A is not needed after this: fill and normalise it in place
-            p_v = torch.softmax(A.masked_fill_(pad, _fill(A)), dim=-1, out=A)
+            if _has_padding(pad):
+                A.masked_fill_(pad, _fill(A))
+            p_v = torch.softmax(A, dim=-1, out=A)
         else:
             p_v = A.masked_fill(pad, _fill(A)).softmax(dim=-1)
         attn = (p_v.permute(0, 2, 1, 3), p_l.permute(0, 2, 3, 1)) if keep_attention else None
@@ -144,19 +151,99 @@ class BiMultiHeadAttention(nn.Module):
         # text → image: pool the image first (heads·T × C), then through values_v_proj per head. Done before the
         # image side so that p_l is freed before dv, the other image-sized result, is allocated.
         pooled = (p_l.reshape(B, N, H * T).transpose(1, 2) @ v).view(B, H, T, C)
-        Wv, bv = self.values_v_proj.weight.view(H, hd, C), self.values_v_proj.bias.view(H, hd)
-        ol = torch.einsum("bhtc,hdc->bthd", pooled, Wv) + p_l.sum(dim=1).transpose(1, 2)[..., None] * bv
-        dl = self.out_l_proj(ol.reshape(B, T, H * hd))
+        dl = self._text_output(pooled, p_l.sum(dim=1).transpose(1, 2))
         del p_l
-        # image → text: the text values go through out_v_proj first (T × C per head), summed over heads by the GEMM.
-        Wo = self.out_v_proj.weight.view(C, H, hd)
-        vo = torch.einsum("bthd,chd->bhtc", vl, Wo).reshape(B, H * T, C)
+        # image → text: the text values went through out_v_proj first (T × C per head), summed over heads by the GEMM.
         dv = torch.baddbmm(self.out_v_proj.bias.to(vo.dtype), p_v.reshape(B, N, H * T), vo)
         return dv, dl, attn
 
 
+    def _forward_banded(self, v, l, mask_l, keep_attention=False):
+        """The re-associated order, a band of image positions at a time, so that the logits never exist
+        for the whole pyramid and each band's clamp, fill and softmaxes run in cache. The band's logits are
+        laid out (B, heads·T, band): both softmaxes then run along contiguous or long strides. Image → text
+        is local to a position (softmax over its tokens). Text → image (softmax over all positions) is
+        accumulated online: a running max m, sum s and pooled image Σ_n exp(A_n - m) v_n, rescaled by
+        exp(m_old - m_new) when the max grows and divided by s at the end, i.e. softmax(A)ᵀ v exactly;
+        its Σ_n p_l = 1 multiplies bv. Capturing the maps keeps every band's probabilities (image → text)
+        and clamped logits (text → image, normalised by the final m and s), so the outputs do not depend on
+        whether the maps are captured."""
+        B, N, C = v.shape
+        T, H = l.shape[1], self.num_heads
+        kq, bias, vo = self._fold_text(l)
+        bias_t = bias.transpose(1, 2)  # (B, heads·T, 1)
+        pad = (mask_l == 0)[:, None, :, None]  # over (B, heads, T, band)
+        fill = _has_padding(pad)
+        bo = self.out_v_proj.bias.to(vo.dtype)
+        step = max(1, LOGIT_BAND_BYTES // (v.element_size() * B * H * T))
+        m = s = pooled = dv = None
+        maps = None
+        for a in range(0, N, step):
+            vb = v[:, a:a + step]
+            A = torch.baddbmm(bias_t, kq, vb.transpose(1, 2)).clamp_(-CLAMP, CLAMP)  # (B, heads·T, band)
+            if keep_attention:
+                if maps is None:
+                    maps = A.new_empty(B, H * T, N), A.new_empty(B, H, T, N)  # text→image logits, image→text probs
+                maps[0][..., a:a + step] = A
+            m_new = A.amax(dim=-1) if m is None else torch.maximum(m, A.amax(dim=-1))
+            E = (A - m_new[..., None]).exp_()
+            if m is None:
+                s, pooled = E.sum(dim=-1), E @ vb
+            else:
+                rescale = (m - m_new).exp_()
+                s = s.mul_(rescale).add_(E.sum(dim=-1))
+                pooled = torch.baddbmm(pooled.mul_(rescale[..., None]), E, vb)
+            m = m_new
+            del E
+            A4 = A.view(B, H, T, -1)
+            if fill:
+                A4.masked_fill_(pad, _fill(A))
+            torch.softmax(A4, dim=2, out=A4)
+            if keep_attention:
+                maps[1][..., a:a + step] = A4
+            out = torch.baddbmm(bo, A.transpose(1, 2), vo)  # (B, band, C)
+            if dv is None:
+                dv = out.new_empty(B, N, C)
+            dv[:, a:a + step] = out
+        pooled = (pooled / s[..., None]).view(B, H, T, C)
+        attn = None
+        if keep_attention:
+            p_l = maps[0].sub_(m[..., None]).exp_().div_(s[..., None]).view(B, H, T, N)
+            attn = (maps[1].transpose(-1, -2), p_l)
+        return dv, self._text_output(pooled, None), attn
+
+    def _fold_text(self, l):
+        """The prompt folded through the visual weights: keys in v-space (B, heads·T, C) with their query
+        bias (B, 1, heads·T), both scaled, and the text values through out_v_proj (B, heads·T, C)."""
+        B, T = l.shape[:2]
+        H, hd, C = self.num_heads, self.head_dim, self.v_proj.in_features
+        k = self.l_proj(l).view(B, T, H, hd)
+        vl = self.values_l_proj(l).view(B, T, H, hd)
+        Wq, bq = self.v_proj.weight.view(H, hd, C), self.v_proj.bias.view(H, hd)
+        kq = torch.einsum("bthd,hdc->bhtc", k, Wq).reshape(B, H * T, C) * self.scale
+        bias = torch.einsum("bthd,hd->bht", k, bq).reshape(B, 1, H * T) * self.scale
+        Wo = self.out_v_proj.weight.view(C, H, hd)
+        vo = torch.einsum("bthd,chd->bhtc", vl, Wo).reshape(B, H * T, C)
+        return kq, bias, vo
+
+    def _text_output(self, pooled, mass):
+        """Text → image output from the image pooled per head and token, (B, heads, T, C), through
+        values_v_proj per head; `mass` (B, T, heads) = Σ_n p_l multiplies the value bias (None: 1)."""
+        B, H, T, C = pooled.shape
+        Wv, bv = self.values_v_proj.weight.view(H, self.head_dim, C), self.values_v_proj.bias.view(H, self.head_dim)
+        ol = torch.einsum("bhtc,hdc->bthd", pooled, Wv)
+        ol = ol + bv if mass is None else ol + mass[..., None] * bv
+        return self.out_l_proj(ol.reshape(B, T, H * self.head_dim))
+
+
 def _fill(A: torch.Tensor) -> float:
     return max(-9e15, torch.finfo(A.dtype).min)
+
+
+def _has_padding(pad: torch.Tensor) -> bool:
+    """Whether an in-place fill has anything to do (a prompt cropped to its tokens has no padding); on an
+    accelerator the fill runs regardless, rather than wait for the answer."""
+    return pad.device.type != "cpu" or bool(pad.any())
 
 
 class VLFuse(nn.Module):
@@ -187,7 +274,7 @@ class VLFuse(nn.Module):
         l = ba.layer_norm_l(hidden)
         dv, dl, attn = ba.attn(v, l, masks, keep_attention)
         if self.enabled and not torch.is_grad_enabled():  # inference: the residual into the fresh LN output
-            v = v.add_(dv.mul_(ba.gamma_v))
+            v = v.addcmul_(dv, ba.gamma_v)
             l = l + ba.gamma_l * dl
         elif self.enabled:
             v = v + ba.gamma_v * dv

@@ -81,6 +81,38 @@ def test_reassociated_equals_direct_float32_glip_widths(T):
     torch.testing.assert_close(reassoc[1], direct[1], atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), N=st.integers(1, 60), T=st.sampled_from([1, 3, 7]), band=st.integers(1, 64),
+       scale=st.sampled_from([0.1, 1.0, 30.0]), data=st.data())
+def test_banded_inference_equals_the_whole_pyramid_orders(B, N, T, band, scale, data):
+    """CPU inference without captured attention runs the re-associated order in bands of positions, with
+    the text→image softmax accumulated online (running max, rescaled sums). Same outputs as the direct and
+    the whole-pyramid re-associated orders (float64), with padding, one or many bands, and logits whose
+    max grows from band to band (large scale) so that the rescaling is exercised."""
+    import glip.fusion as fusion
+
+    C, D, E, H = 16, 12, 32, 4
+    attn = make_attn(C, D, E, H, seed=data.draw(st.integers(0, 1000)))
+    n_valid = [data.draw(st.integers(1, T)) for _ in range(B)]
+    v, l, mask = inputs(B, N, T, C, D, n_valid, seed=data.draw(st.integers(0, 1000)), scale=scale)
+    v = v * torch.linspace(0.5, 2.0, N, dtype=v.dtype)[None, :, None]  # later positions reach larger logits
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fusion, "LOGIT_BAND_BYTES", band * 8 * B * H * T)  # `band` positions per band
+        banded = attn(v, l, mask)
+        captured = attn(v, l, mask, keep_attention=True)
+        whole = attn._forward_reassociated(v, l, mask, keep_attention=True)
+        attn.path = "direct"
+        direct = attn(v, l, mask, keep_attention=True)
+    assert banded[2] is None
+    assert torch.equal(captured[0], banded[0]) and torch.equal(captured[1], banded[1])  # capturing changes nothing
+    for ref in (whole, direct):
+        torch.testing.assert_close(banded[0], ref[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(banded[1], ref[1], atol=1e-10, rtol=1e-10)
+        for got, want in zip(captured[2], ref[2]):  # the maps, in the layout FusionAttention documents
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 def test_clamp_applies_to_the_logits_in_both_orders():
     """Logits far beyond ±50000 are cut to the same values: the probabilities of the clamped logits match."""
     attn = make_attn(16, 12, 32, 4, std=3.0)
@@ -111,13 +143,16 @@ def test_gradients_equal_in_training_without_dropout():
 
 
 def test_inplace_inference_equals_autograd_forward():
+    """Inference fills and normalises in place: the autograd forward's values exactly. (CPU inference runs the
+    re-associated order in bands, test above, so its whole-pyramid form is called directly here.)"""
     attn = make_attn(16, 12, 32, 4)
     v, l, mask = inputs(2, 20, 5, 16, 12, [2, 5])
     for path in ("direct", "reassociated"):
         attn.path = path
+        fwd = attn._forward_direct if path == "direct" else attn._forward_reassociated
         with torch.no_grad():
-            a = attn(v, l, mask, keep_attention=True)
-        b = attn(v, l, mask, keep_attention=True)
+            a = fwd(v, l, mask, True)
+        b = fwd(v, l, mask, True)
         assert_same(a, tuple(x.detach() if isinstance(x, torch.Tensor) else tuple(y.detach() for y in x) for x in b), 0.0)
 
 
