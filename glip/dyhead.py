@@ -32,6 +32,7 @@ CHUNK_ROWS = 8192
 # fp32 CPU inference: MKL's GEMM with the weight packed once per call (`_mkl_linear`, the op torch's own
 # frozen-graph linear uses) when a call has at least this many full chunks to amortise the packing.
 PACK_MIN_CHUNKS = 4
+BAND_BYTES = 4 << 20  # inference: DyReLU's second line is formed a band of rows of about this size at a time
 _MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
 
 
@@ -204,8 +205,14 @@ class DyReLU(nn.Module):
         a1 = (a1 - 0.5) * 2.0 + 1.0
         a2 = (a2 - 0.5) * 2.0
         y = torch.addcmul(b1 - 0.5, x, a1)  # x·a + (b - 0.5), as official, one pass each
-        z = torch.addcmul(b2 - 0.5, x, a2)
-        return torch.maximum(y, z, out=y) if not torch.is_grad_enabled() else torch.maximum(y, z)
+        if torch.is_grad_enabled():
+            return torch.maximum(y, torch.addcmul(b2 - 0.5, x, a2))
+        # inference: the second line a band of rows at a time, its maximum written into the first
+        step = max(1, BAND_BYTES // (x.element_size() * B * C * x.shape[-1]))
+        for r in range(0, x.shape[-2], step):
+            yb = y[:, :, r:r + step]
+            torch.maximum(yb, torch.addcmul(b2 - 0.5, x[:, :, r:r + step], a2), out=yb)
+        return y
 
 
 class DyConv(nn.Module):
@@ -229,37 +236,39 @@ class DyConv(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         infer = not torch.is_grad_enabled()
         tv = _tv_deform_conv2d is not None  # torchvision's kernel reads the map itself
-        # every level's zero-bordered table, built once when first read, dropped after its last reader
-        tables: dict[int, torch.Tensor] = {}
-
-        def table(i):
-            if tv:
-                return None
-            if i not in tables:
-                tables[i] = sample_table(feats[i])
-            return tables[i]
-
+        # A level's zero-bordered table is built for the coarser branch of the level below and kept for the
+        # level's own offset conv and DCN, then dropped (the finer branch of the next level rebuilds it: a
+        # copy, cheaper than holding the largest table through the rest of the level).
+        nxt = None
         out = []
         for l, x in enumerate(feats):
-            om = self.offset(x) if tv else conv3x3_from_table(table(l), *x.shape[-2:], self.offset.weight,
-                                                                self.offset.bias)
+            t = None if tv else (nxt if nxt is not None else sample_table(x))
+            nxt = None
+            om = self.offset(x) if tv else conv3x3_from_table(t, *x.shape[-2:], self.offset.weight, self.offset.bias)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
-            branches = [lambda: self.DyConv[1](x, offset, mask, table(l))]
-            if l > 0:
-                branches.append(lambda: self.DyConv[2](feats[l - 1], offset, mask, table(l - 1)))
-            if l < len(feats) - 1:
-                branches.append(lambda: F.interpolate(self.DyConv[0](feats[l + 1], offset, mask, table(l + 1)),
-                                                      size=x.shape[-2:], mode="bilinear", align_corners=True))
             # mean over branches of branch × its scale attention, accumulated one branch at a time
-            fea = None
-            for branch in branches:
-                b = branch()
-                a = h_sigmoid(self.AttnConv(b))
-                term = b.mul_(a) if infer else b * a
-                fea = term if fea is None else (fea.add_(term) if infer else fea + term)
-                del b, term
-            tables.pop(l - 1, None)  # no later level reads level l-1
-            fea = fea.div_(len(branches)) if infer else fea / len(branches)
+            fea = self._attend_scale(self.DyConv[1](x, offset, mask, t), None, infer)
+            del t
+            n = 1
+            if l > 0:
+                fea = self._attend_scale(self.DyConv[2](feats[l - 1], offset, mask), fea, infer)
+                n += 1
+            if l < len(feats) - 1:
+                nxt = None if tv else sample_table(feats[l + 1])
+                b = F.interpolate(self.DyConv[0](feats[l + 1], offset, mask, nxt), size=x.shape[-2:],
+                                  mode="bilinear", align_corners=True)
+                fea = self._attend_scale(b, fea, infer)
+                n += 1
+                del b
+            fea = fea.div_(n) if infer else fea / n
             out.append(self.relu(fea))
             del fea
         return out
+
+    def _attend_scale(self, b: torch.Tensor, fea: torch.Tensor | None, infer: bool) -> torch.Tensor:
+        """fea + b × h_sigmoid(AttnConv(b)) (b itself when fea is None); at inference in place."""
+        a = h_sigmoid(self.AttnConv(b))
+        term = b.mul_(a) if infer else b * a
+        if fea is None:
+            return term
+        return fea.add_(term) if infer else fea + term

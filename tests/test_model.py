@@ -483,13 +483,17 @@ def test_offset_reinterpretation_is_a_memory_view_not_a_crop():
 
 # --- inference memory savings change no value ------------------------------------------------------------
 def test_inference_slices_and_in_place_sums_match_the_autograd_forward(monkeypatch):
-    """Inference runs Swin's blocks, patch merging and the X-MHA input norm in slices of tokens, the residuals
-    and the DyConv branch sums in place; with autograd on, everything runs in one piece out of place. Same values."""
+    """Inference runs Swin's blocks, patch merging and the X-MHA input norm in slices of tokens, the X-MHA in
+    bands of positions, DyReLU in bands of rows, the residuals and the DyConv branch sums in place; with autograd
+    on, everything runs in one piece out of place. Same values."""
     import glip.backbone as backbone
+    import glip.dyhead as dyhead
     import glip.fusion as fusion
 
     monkeypatch.setattr(backbone, "CHUNK_BYTES", 4096)  # many slices, including a partial last one
     monkeypatch.setattr(fusion, "NORM_BAND_BYTES", 4096 + 12)  # the fused pyramid normed in uneven bands
+    monkeypatch.setattr(fusion, "LOGIT_BAND_BYTES", 3000)  # X-MHA logits in many bands
+    monkeypatch.setattr(dyhead, "BAND_BYTES", 700)  # DyReLU's second line a few rows at a time
     torch.manual_seed(0)
     cfg = get_preset("toy").replace(early_fusion=True)
     model = GLIP(cfg).eval()
