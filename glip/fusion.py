@@ -94,7 +94,7 @@ class BiMultiHeadAttention(nn.Module):
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, mask_l: torch.Tensor, keep_attention: bool = False):
         if self.reassociates(v.shape[1], l.shape[1]):
-            if not torch.is_grad_enabled() and v.device.type == "cpu" and not (self.training and self.dropout > 0):
+            if self._banded(v):
                 return self._forward_banded(v, l, mask_l, keep_attention)
             return self._forward_reassociated(v, l, mask_l, keep_attention)
         return self._forward_direct(v, l, mask_l, keep_attention)
@@ -157,6 +157,12 @@ class BiMultiHeadAttention(nn.Module):
         dv = torch.baddbmm(self.out_v_proj.bias.to(vo.dtype), p_v.reshape(B, N, H * T), vo)
         return dv, dl, attn
 
+
+    def _banded(self, v: torch.Tensor) -> bool:
+        """CPU inference in fp32 / fp64 (the online sums stay in the input's precision; under autocast the
+        whole-pyramid order keeps its one-GEMM sums)."""
+        return (not torch.is_grad_enabled() and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled("cpu") and not (self.training and self.dropout > 0))
 
     def _forward_banded(self, v, l, mask_l, keep_attention=False):
         """The re-associated order, a band of image positions at a time, so that the logits never exist

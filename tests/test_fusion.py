@@ -188,3 +188,19 @@ def test_parity_with_official_fixture_in_each_order(tiny_fixture, path, monkeypa
     rep = run_parity(tiny_fixture)
     assert rep.ok, rep.table()
     assert {"fuse0.attn_v", "fuse0.attn_l", "fuse0.visual.p3", "tower.p3"} <= {r.name for r in rep.rows}
+
+
+def test_banded_only_for_full_precision_cpu_inference():
+    """The online sums would round in bf16 at every band: autocast, autograd and training with dropout
+    take the whole-pyramid orders."""
+    attn = make_attn(16, 12, 32, 4, dtype=torch.float32)
+    v = torch.randn(1, 30, 16)
+    with torch.no_grad():
+        assert attn._banded(v) and attn._banded(v.double())
+        assert not attn._banded(v.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not attn._banded(v)
+    assert not attn._banded(v)  # autograd on
+    attn.train()
+    with torch.no_grad():
+        assert not attn._banded(v)  # dropout 0.1 in training
