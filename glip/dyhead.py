@@ -74,22 +74,31 @@ def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: 
     B, _, Ho, Wo = offset.shape
     K = kh * kw
     dev = offset.device
+    infer = not torch.is_grad_enabled()
     dt = torch.float32 if offset.dtype in (torch.float16, torch.bfloat16) else offset.dtype  # positions need fp32
     ki = (torch.arange(kh, device=dev, dtype=dt) * dilation).repeat_interleave(kw)  # tap rows
     kj = (torch.arange(kw, device=dev, dtype=dt) * dilation).repeat(kh)             # tap cols
-    off = offset.to(dt).reshape(B, K, 2, Ho, Wo).permute(0, 3, 4, 2, 1).contiguous()  # (B, Ho, Wo, (dy, dx), K)
-    m = mask.to(dt).reshape(B, K, Ho, Wo).permute(0, 2, 3, 1).contiguous()         # (B, Ho, Wo, K)
-    py = off[..., 0, :] + ((torch.arange(Ho, device=dev, dtype=dt) * stride - padding)[:, None, None] + ki)
-    px = off[..., 1, :] + ((torch.arange(Wo, device=dev, dtype=dt) * stride - padding)[:, None] + kj)
-    py, px = py.clamp(-1, H), px.clamp(-1, W)                                        # (B, Ho, Wo, K)
+    # position-major views (B, Ho, Wo, K, (dy, dx)) and (B, Ho, Wo, K): no copy of channels-last offsets
+    off = offset.to(dt).permute(0, 2, 3, 1).reshape(B, Ho, Wo, K, 2)
+    m = mask.to(dt).permute(0, 2, 3, 1)
+    py = off[..., 0] + ((torch.arange(Ho, device=dev, dtype=dt) * stride - padding)[:, None, None] + ki)
+    px = off[..., 1] + ((torch.arange(Wo, device=dev, dtype=dt) * stride - padding)[:, None] + kj)
+    py, px = (py.clamp_(-1, H), px.clamp_(-1, W)) if infer else (py.clamp(-1, H), px.clamp(-1, W))
     y0, x0 = py.floor(), px.floor()
-    ly, lx = py - y0, px - x0
-    wy, wx = torch.stack((1 - ly, ly), -1), torch.stack((1 - lx, lx), -1)
-    wts = wy[..., :, None] * wx[..., None, :] * m[..., None, None]
+    with torch.no_grad():  # the table row of the top-left corner (exact in fp32: tables have < 2^24 rows)
+        top_left = (y0 + 1).mul_(W + 3).add_(x0).add_(1).long()
+    ly, lx = (py.sub_(y0), px.sub_(x0)) if infer else (py - y0, px - x0)
+    hy, hx = 1 - ly, 1 - lx
+    corners = ((hy, hx), (hy, lx), (ly, hx), (ly, lx))  # top-left, top-right, bottom-left, bottom-right
+    if infer:  # written straight into the (…, 4) layout
+        wts = torch.empty(B, Ho, Wo, K, 4, device=dev, dtype=dt)
+        for c, (a, b) in enumerate(corners):
+            torch.mul(torch.mul(a, b), m, out=wts[..., c])
+    else:
+        wts = torch.stack([a * b * m for a, b in corners], -1)
     Wp = W + 3
-    top_left = ((y0.long() + 1) * Wp + (x0.long() + 1))[..., None]
-    rows = top_left + torch.tensor([0, 1, Wp, Wp + 1], device=dev)
-    return rows.view(B, Ho * Wo * K, 4), wts.view(B, Ho * Wo * K, 4)
+    rows = top_left[..., None] + torch.tensor([0, 1, Wp, Wp + 1], device=dev)
+    return rows.reshape(B, Ho * Wo * K, 4), wts.reshape(B, Ho * Wo * K, 4)
 
 
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,

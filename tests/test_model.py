@@ -378,6 +378,24 @@ def test_dcn_chunked_columns_match_naive_kernel(monkeypatch):
         assert torch.allclose(inf, ref, atol=1e-9) and torch.allclose(grad.detach(), ref, atol=1e-9)
 
 
+def test_dcn_channels_last_offsets_match_naive_kernel():
+    """The model's offsets are channel slices of a channels-last conv output (read as views, no copy); the
+    re-interpreted coarser-level offsets are NCHW. Both layouts, at inference and under autograd: the kernel."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    for stride in (1, 2):
+        Ho, Wo = (5 - 1) // stride + 1, (6 - 1) // stride + 1
+        om = (torch.randn(2, 27, Ho, Wo, generator=g, dtype=torch.float64) * 2).contiguous(memory_format=torch.channels_last)
+        offset, mask = om[:, :18], om[:, 18:].sigmoid()
+        ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
+        for off, m in ((offset, mask), (offset.contiguous(), mask.contiguous())):
+            with torch.no_grad():
+                inf = deform_conv2d(x, off, m, weight, bias, stride, 1, use_torchvision=False)
+            grad = deform_conv2d(x, off, m, weight, bias, stride, 1, use_torchvision=False)
+            assert torch.allclose(inf, ref, atol=1e-9) and torch.equal(inf, grad.detach())
+
+
 def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch):
     """fp32 CPU inference multiplies the columns by a once-packed weight (MKL); full chunks take the packed
     kernel, a shorter last chunk the plain one. Same values as the float64 reference, at fp32 rounding."""
