@@ -10,8 +10,8 @@ instead (same offset/mask layout).
 
 The plain 3×3 conv that predicts the offsets reads the same zero-bordered table: one GEMM gives every
 pixel's contribution to all 9 taps, and 9 shifted slices of it are summed (a 27-channel conv is a
-narrow GEMM, slow in im2col form). Each level's table is built once per block and shared by the
-offset conv and the three DCNs that read that level.
+narrow GEMM, slow in im2col form). A level's table is shared by the coarser branch of the level below,
+the level's own offset conv and its own DCN.
 """
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ class BiMultiHeadAttention(nn.Module):
         text→image   p_l,hᵀ (v Wv_hᵀ + bv_h)      = (p_l,hᵀ v) Wv_hᵀ + (Σ_n p_l,h) bv_h
       so no (N_img × 2048) tensor exists; the logits A (N_img × heads·T), their clamp, the padding fill
       and both softmaxes are the same values in the same places.
-    CPU inference that does not capture the attention maps runs the re-associated order in bands of image
-    positions (`_forward_banded`): the same products, with no pyramid-sized logits.
+    fp32 CPU inference runs the re-associated order in bands of image positions (`_forward_banded`): the
+    same products, with no pyramid-sized logits unless the maps are captured.
     `path` = "auto" takes the cheaper order by multiply-add count, except in training with dropout: the
     dropout masks are drawn over the (B, heads, N, T) layout of the direct order, which keeps training
     runs' random streams as they were.
