@@ -109,3 +109,15 @@ def test_fresh_process_peak_memory_loads_from_a_checkpoint():
     res = BenchResult({"preset": "toy", "height": 96, "width": 128, "device": "cpu", "threads": 1, "precision": "fp32",
                        "runs": 1, "gemm_gflops": 1.0, "load_peak_rss_mb": peak["load"], "peak_rss_mb": peak["predict"]}, [])
     assert f"load from a .pth {peak['load']:.0f} MB" in format_result(res)
+
+
+def test_official_bench_refuses_a_folder_that_is_not_a_glip_checkout(tmp_path, capsys):
+    """The side-by-side timing needs a microsoft/GLIP checkout; anything else is one line and exit code 2,
+    before any of its compatibility shims touch the process."""
+    from glip.official_bench import main
+
+    (tmp_path / "maskrcnn_benchmark").mkdir()  # half a checkout: the config is missing
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a microsoft/GLIP checkout" in err and "\n" not in err
+    assert "torch._six" not in sys.modules and "maskrcnn_benchmark._C" not in sys.modules
