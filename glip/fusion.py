@@ -46,7 +46,7 @@ class BiMultiHeadAttention(nn.Module):
         text→image   p_l,hᵀ (v Wv_hᵀ + bv_h)      = (p_l,hᵀ v) Wv_hᵀ + (Σ_n p_l,h) bv_h
       so no (N_img × 2048) tensor exists; the logits A (N_img × heads·T), their clamp, the padding fill
       and both softmaxes are the same values in the same places.
-    fp32 CPU inference runs the re-associated order in bands of image positions (`_forward_banded`): the
+    fp32 CPU inference runs the re-associated order in bands of image positions (`_bands`): the
     same products, with no pyramid-sized logits unless the maps are captured.
     `path` = "auto" takes the cheaper order by multiply-add count, except in training with dropout: the
     dropout masks are drawn over the (B, heads, N, T) layout of the direct order, which keeps training
@@ -95,7 +95,9 @@ class BiMultiHeadAttention(nn.Module):
     def forward(self, v: torch.Tensor, l: torch.Tensor, mask_l: torch.Tensor, keep_attention: bool = False):
         if self.reassociates(v.shape[1], l.shape[1]):
             if self._banded(v):
-                return self._forward_banded(v, l, mask_l, keep_attention)
+                dv = torch.empty_like(v)
+                dl, attn = self._bands([(v, dv)], l, mask_l, keep_attention)
+                return dv, dl, attn
             return self._forward_reassociated(v, l, mask_l, keep_attention)
         return self._forward_direct(v, l, mask_l, keep_attention)
 
@@ -164,7 +166,11 @@ class BiMultiHeadAttention(nn.Module):
         return (not torch.is_grad_enabled() and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu") and not (self.training and self.dropout > 0))
 
-    def _forward_banded(self, v, l, mask_l, keep_attention=False):
+    def uses_bands(self, v: torch.Tensor, n_img: int, n_tok: int) -> bool:
+        """Whether a call with n_img positions of v's kind and n_tok tokens runs in bands."""
+        return self.reassociates(n_img, n_tok) and self._banded(v)
+
+    def _bands(self, segments, l, mask_l, keep_attention=False, norm=None, gamma=None):
         """The re-associated order, a band of image positions at a time, so that the logits never exist
         for the whole pyramid and each band's clamp, fill and softmaxes run in cache. The band's logits are
         laid out (B, heads·T, band): both softmaxes then run along contiguous or long strides. Image → text
@@ -173,24 +179,33 @@ class BiMultiHeadAttention(nn.Module):
         exp(m_old - m_new) when the max grows and divided by s at the end, i.e. softmax(A)ᵀ v exactly;
         its Σ_n p_l = 1 multiplies bv. Capturing the maps keeps every band's probabilities (image → text)
         and clamped logits (text → image, normalised by the final m and s), so the outputs do not depend on
-        whether the maps are captured."""
-        B, N, C = v.shape
+        whether the maps are captured.
+
+        segments: (source, sink) pairs, (B, n, C) each, together the image positions in order. Without
+        `norm`, a sink receives the image-side output dv of its source's positions. With `norm` (the block's
+        input LayerNorm, applied to each band as it is read), a sink receives norm(source) + gamma·dv, the
+        fused block's residual (norm(source) alone when gamma is None): the pyramid is then never gathered,
+        normalised or added to as a whole. Returns the text-side output and the maps (or None)."""
+        B, _, C = segments[0][0].shape
+        N = sum(src.shape[1] for src, _ in segments)
         T, H = l.shape[1], self.num_heads
         kq, bias, vo = self._fold_text(l)
         bias_t = bias.transpose(1, 2)  # (B, heads·T, 1)
         pad = (mask_l == 0)[:, None, :, None]  # over (B, heads, T, band)
         fill = _has_padding(pad)
         bo = self.out_v_proj.bias.to(vo.dtype)
-        step = max(1, LOGIT_BAND_BYTES // (v.element_size() * B * H * T))
-        m = s = pooled = dv = None
+        step = max(1, LOGIT_BAND_BYTES // (segments[0][0].element_size() * B * H * T))
+        m = s = pooled = None
         maps = None
-        for a in range(0, N, step):
-            vb = v[:, a:a + step]
+        bands = [(src, sink, a, base + a) for (src, sink), base in zip(segments, _starts(segments))
+                 for a in range(0, src.shape[1], step)]
+        for src, sink, a, p in bands:  # band of positions p … p + band of the whole pyramid
+            vb = src[:, a:a + step] if norm is None else norm(src[:, a:a + step])
             A = torch.baddbmm(bias_t, kq, vb.transpose(1, 2)).clamp_(-CLAMP, CLAMP)  # (B, heads·T, band)
             if keep_attention:
                 if maps is None:
                     maps = A.new_empty(B, H * T, N), A.new_empty(B, H, T, N)  # text→image logits, image→text probs
-                maps[0][..., a:a + step] = A
+                maps[0][..., p:p + A.shape[-1]] = A
             m_new = A.amax(dim=-1) if m is None else torch.maximum(m, A.amax(dim=-1))
             E = (A - m_new[..., None]).exp_()
             if m is None:
@@ -206,17 +221,21 @@ class BiMultiHeadAttention(nn.Module):
                 A4.masked_fill_(pad, _fill(A))
             torch.softmax(A4, dim=2, out=A4)
             if keep_attention:
-                maps[1][..., a:a + step] = A4
+                maps[1][..., p:p + A.shape[-1]] = A4
             out = torch.baddbmm(bo, A.transpose(1, 2), vo)  # (B, band, C)
-            if dv is None:
-                dv = out.new_empty(B, N, C)
-            dv[:, a:a + step] = out
+            dst = sink[:, a:a + step]
+            if norm is None:
+                dst.copy_(out)
+            elif gamma is None:
+                dst.copy_(vb)
+            else:
+                torch.addcmul(vb, out, gamma, out=dst)
         pooled = (pooled / s[..., None]).view(B, H, T, C)
         attn = None
         if keep_attention:
             p_l = maps[0].sub_(m[..., None]).exp_().div_(s[..., None]).view(B, H, T, N)
             attn = (maps[1].transpose(-1, -2), p_l)
-        return dv, self._text_output(pooled, None), attn
+        return self._text_output(pooled, None), attn
 
     def _fold_text(self, l):
         """The prompt folded through the visual weights: keys in v-space (B, heads·T, C) with their query
@@ -240,6 +259,14 @@ class BiMultiHeadAttention(nn.Module):
         ol = torch.einsum("bhtc,hdc->bthd", pooled, Wv)
         ol = ol + bv if mass is None else ol + mass[..., None] * bv
         return self.out_l_proj(ol.reshape(B, T, H * self.head_dim))
+
+
+def _starts(segments) -> list[int]:
+    starts, n = [], 0
+    for src, _ in segments:
+        starts.append(n)
+        n += src.shape[1]
+    return starts
 
 
 def _fill(A: torch.Tensor) -> float:
@@ -269,8 +296,10 @@ class VLFuse(nn.Module):
                 keep_attention: bool = False):
         shapes = [tuple(x.shape[-2:]) for x in visual]
         B, C = visual[0].shape[:2]
-        v = torch.cat([x.flatten(2).transpose(1, 2) for x in visual], dim=1)  # (B, ΣHW, C)
         ba = self.b_attn
+        if ba.attn.uses_bands(visual[0], sum(h * w for h, w in shapes), hidden.shape[1]):
+            return self._forward_bands(visual, hidden, masks, keep_attention, shapes)
+        v = torch.cat([x.flatten(2).transpose(1, 2) for x in visual], dim=1)  # (B, ΣHW, C)
         if torch.is_grad_enabled():
             v = ba.layer_norm_v(v)
         else:  # inference: normed in place, a band of positions at a time (no second image-sized buffer)
@@ -289,5 +318,22 @@ class VLFuse(nn.Module):
         for h, w in shapes:
             out.append(v[:, start:start + h * w].transpose(1, 2).reshape(B, C, h, w))
             start += h * w
+        fa = FusionAttention(attn[0], attn[1], shapes) if attn is not None else None
+        return out, l, fa
+
+    def _forward_bands(self, visual, hidden, masks, keep_attention, shapes):
+        """CPU inference: the levels are read and the block's outputs written a band of positions at a time
+        (norm, attention, residual), each level into a fresh channels-last map; no pyramid-sized buffer."""
+        ba = self.b_attn
+        B, C = visual[0].shape[:2]
+        out = [torch.empty(B, C, h, w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+               for x, (h, w) in zip(visual, shapes)]
+        segments = [(x.permute(0, 2, 3, 1).reshape(B, -1, C), o.permute(0, 2, 3, 1).view(B, -1, C))
+                    for x, o in zip(visual, out)]  # (B, H·W, C) row-major positions; views of channels-last maps
+        l = ba.layer_norm_l(hidden)
+        dl, attn = ba.attn._bands(segments, l, masks, keep_attention, ba.layer_norm_v,
+                                  ba.gamma_v if self.enabled else None)
+        if self.enabled:
+            l = l + ba.gamma_l * dl
         fa = FusionAttention(attn[0], attn[1], shapes) if attn is not None else None
         return out, l, fa

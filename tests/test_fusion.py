@@ -204,3 +204,39 @@ def test_banded_only_for_full_precision_cpu_inference():
     attn.train()
     with torch.no_grad():
         assert not attn._banded(v)  # dropout 0.1 in training
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("band", [1, 7, 1000])
+def test_fused_block_in_bands_equals_the_autograd_block(enabled, band, monkeypatch):
+    """CPU inference runs the whole fusion block (input norm, attention, residual) a band at a time, level by
+    level, straight into fresh channels-last maps; autograd runs it over the concatenated pyramid. Same maps,
+    same text, same attention (float64, batch 2 with different padding, fusion on and off)."""
+    import glip.fusion as fusion
+    from glip.fusion import VLFuse
+
+    torch.manual_seed(3)
+    block = VLFuse(16, 12, 32, 4, init_gamma=0.7).double().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    block.enabled = enabled
+    shapes = [(6, 5), (3, 3), (1, 2)]
+    visual = [torch.randn(2, 16, h, w, dtype=torch.float64) for h, w in shapes]
+    visual[1] = visual[1].contiguous(memory_format=torch.channels_last)  # either layout in
+    hidden = torch.randn(2, 5, 12, dtype=torch.float64)
+    masks = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    monkeypatch.setattr(fusion, "LOGIT_BAND_BYTES", band * 8 * 2 * 4 * 5)
+    with torch.no_grad():
+        assert block.b_attn.attn.uses_bands(visual[0], 41, 5)
+        got = block([x.clone() for x in visual], hidden, masks, keep_attention=True)
+        plain = block([x.clone() for x in visual], hidden, masks)
+    want = block(visual, hidden, masks, keep_attention=True)
+    for g, p, w in zip(got[0], plain[0], want[0]):
+        assert g.shape == w.shape and g.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(g, w.detach(), atol=1e-10, rtol=1e-10)
+        assert torch.equal(g, p)  # capturing the maps changes nothing
+    torch.testing.assert_close(got[1], want[1].detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got[2].image_to_text, want[2].image_to_text.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(got[2].text_to_image, want[2].text_to_image.detach(), atol=1e-12, rtol=0)
+    assert got[2].level_shapes == want[2].level_shapes == shapes
