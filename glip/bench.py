@@ -25,6 +25,7 @@ import torch
 from torch.utils import flop_counter
 
 from .config import get_preset
+from .dyhead import _MKL_LINEAR
 from .model import GLIP
 from .postprocess import atss_postprocess
 from .predictor import _autocast
@@ -71,7 +72,6 @@ if _SDPA_CPU is not None and _SDPA_CPU not in flop_counter.flop_registry:
 
 
 # MKL's packed-weight linear (the DCN's GEMM in fp32 CPU inference): input (M, K) times orig_weight (N, K)ᵀ.
-_MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
 if _MKL_LINEAR is not None and _MKL_LINEAR not in flop_counter.flop_registry:
     @flop_counter.register_flop_formula(_MKL_LINEAR)
     def _mkl_linear_flop(input_shape, packed_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:

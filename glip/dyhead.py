@@ -85,8 +85,9 @@ def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: 
     px = off[..., 1] + ((torch.arange(Wo, device=dev, dtype=dt) * stride - padding)[:, None] + kj)
     py, px = (py.clamp_(-1, H), px.clamp_(-1, W)) if infer else (py.clamp(-1, H), px.clamp(-1, W))
     y0, x0 = py.floor(), px.floor()
+    Wp = W + 3
     with torch.no_grad():  # the table row of the top-left corner (exact in fp32: tables have < 2^24 rows)
-        top_left = (y0 + 1).mul_(W + 3).add_(x0).add_(1).long()
+        top_left = (y0 + 1).mul_(Wp).add_(x0).add_(1).long()
     ly, lx = (py.sub_(y0), px.sub_(x0)) if infer else (py - y0, px - x0)
     hy, hx = 1 - ly, 1 - lx
     corners = ((hy, hx), (hy, lx), (ly, hx), (ly, lx))  # top-left, top-right, bottom-left, bottom-right
@@ -96,7 +97,6 @@ def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: 
             torch.mul(torch.mul(a, b), m, out=wts[..., c])
     else:
         wts = torch.stack([a * b * m for a, b in corners], -1)
-    Wp = W + 3
     rows = top_left[..., None] + torch.tensor([0, 1, Wp, Wp + 1], device=dev)
     return rows.reshape(B, Ho * Wo * K, 4), wts.reshape(B, Ho * Wo * K, 4)
 

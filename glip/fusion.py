@@ -11,6 +11,7 @@ the 2048-wide projections (see `BiMultiHeadAttention`): the same values, a fract
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +160,6 @@ class BiMultiHeadAttention(nn.Module):
         dv = torch.baddbmm(self.out_v_proj.bias.to(vo.dtype), p_v.reshape(B, N, H * T), vo)
         return dv, dl, attn
 
-
     def _banded(self, v: torch.Tensor) -> bool:
         """CPU inference in fp32 / fp64 (the online sums stay in the input's precision; under autocast the
         whole-pyramid order keeps its one-GEMM sums)."""
@@ -197,7 +197,8 @@ class BiMultiHeadAttention(nn.Module):
         step = max(1, LOGIT_BAND_BYTES // (segments[0][0].element_size() * B * H * T))
         m = s = pooled = None
         maps = None
-        bands = [(src, sink, a, base + a) for (src, sink), base in zip(segments, _starts(segments))
+        starts = itertools.accumulate((src.shape[1] for src, _ in segments), initial=0)
+        bands = [(src, sink, a, base + a) for (src, sink), base in zip(segments, starts)
                  for a in range(0, src.shape[1], step)]
         for src, sink, a, p in bands:  # band of positions p … p + band of the whole pyramid
             vb = src[:, a:a + step] if norm is None else norm(src[:, a:a + step])
@@ -259,14 +260,6 @@ class BiMultiHeadAttention(nn.Module):
         ol = torch.einsum("bhtc,hdc->bthd", pooled, Wv)
         ol = ol + bv if mass is None else ol + mass[..., None] * bv
         return self.out_l_proj(ol.reshape(B, T, H * self.head_dim))
-
-
-def _starts(segments) -> list[int]:
-    starts, n = [], 0
-    for src, _ in segments:
-        starts.append(n)
-        n += src.shape[1]
-    return starts
 
 
 def _fill(A: torch.Tensor) -> float:

@@ -359,6 +359,16 @@ def test_dcn_matches_naive_kernel(H, W, stride, spread, seed):
     assert torch.allclose(ours, ref, atol=1e-9), (ours - ref).abs().max()
 
 
+def dcn_case(g, C, H, W, stride, B=2, O=4):
+    """A float64 DCN problem: map, offsets (spread 2), modulation, weight, bias for a 3×3 conv, padding 1."""
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    offset = torch.randn(B, 18, Ho, Wo, generator=g, dtype=torch.float64) * 2
+    mask = torch.rand(B, 9, Ho, Wo, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(O, C, 3, 3, generator=g, dtype=torch.float64), torch.randn(O, generator=g, dtype=torch.float64)
+    return x, offset, mask, weight, bias
+
+
 def test_dcn_chunked_columns_match_naive_kernel(monkeypatch):
     """Several GEMM chunks per image (2 positions each), batch 2, stride 1 and 2, a 1-pixel map."""
     import glip.dyhead as dyhead
@@ -366,11 +376,7 @@ def test_dcn_chunked_columns_match_naive_kernel(monkeypatch):
     monkeypatch.setattr(dyhead, "CHUNK_ROWS", 18)
     g = torch.Generator().manual_seed(3)
     for H, W, stride in ((4, 5, 1), (5, 3, 2), (1, 1, 1)):
-        x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
-        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-        offset = torch.randn(2, 18, Ho, Wo, generator=g, dtype=torch.float64) * 2
-        mask = torch.rand(2, 9, Ho, Wo, generator=g, dtype=torch.float64)
-        weight, bias = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+        x, offset, mask, weight, bias = dcn_case(g, 3, H, W, stride)
         ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
         with torch.no_grad():  # inference writes the chunks in place; autograd concatenates them
             inf = deform_conv2d(x, offset, mask, weight, bias, stride, 1, use_torchvision=False)
@@ -409,11 +415,8 @@ def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch):
     monkeypatch.setattr(dyhead, "PACK_MIN_CHUNKS", 2)
     g = torch.Generator().manual_seed(6)
     for H, W, stride in ((6, 5, 1), (9, 8, 2)):
-        x = torch.randn(2, 5, H, W, generator=g, dtype=torch.float64)
-        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-        offset = torch.randn(2, 18, Ho, Wo, generator=g, dtype=torch.float64) * 2
-        mask = torch.rand(2, 9, Ho, Wo, generator=g, dtype=torch.float64)
-        weight, bias = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+        x, offset, mask, weight, bias = dcn_case(g, 5, H, W, stride)
+        Ho, Wo = offset.shape[-2:]
         ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
         calls.clear()
         with torch.no_grad():
