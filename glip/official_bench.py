@@ -139,6 +139,10 @@ def _install_shims(src: Path) -> None:
 def build_official(src: Path):
     if not (src / "maskrcnn_benchmark").is_dir() or not (src / CONFIG).is_file():
         raise GLIPError(f"{src} is not a microsoft/GLIP checkout (no maskrcnn_benchmark/ or {CONFIG})")
+    try:
+        import yacs  # noqa: F401  (the official config system; not a dependency of this project)
+    except ImportError:
+        raise GLIPError("the official code needs yacs: pip install yacs") from None
     _install_shims(src)
     from maskrcnn_benchmark.config import cfg
     from maskrcnn_benchmark.modeling.detector import build_detection_model

@@ -121,3 +121,18 @@ def test_official_bench_refuses_a_folder_that_is_not_a_glip_checkout(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a microsoft/GLIP checkout" in err and "\n" not in err
     assert "torch._six" not in sys.modules and "maskrcnn_benchmark._C" not in sys.modules
+
+
+def test_official_bench_names_the_missing_official_dependency(tmp_path, capsys, monkeypatch):
+    """A checkout without yacs installed (the official config system) is one line naming the package, again
+    before any shim touches the process."""
+    from glip.official_bench import CONFIG, main
+
+    (tmp_path / CONFIG).parent.mkdir(parents=True)
+    (tmp_path / CONFIG).write_text("MODEL: {}\n")
+    (tmp_path / "maskrcnn_benchmark").mkdir()
+    monkeypatch.setitem(sys.modules, "yacs", None)  # makes `import yacs` fail, installed or not
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the official code needs yacs: pip install yacs"
+    assert "torch._six" not in sys.modules and "maskrcnn_benchmark._C" not in sys.modules
