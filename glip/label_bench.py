@@ -1,6 +1,7 @@
 """`python -m glip.label_bench`: labelling throughput, measured in one run against its baselines.
 
     python -m glip.label_bench --model toy-teacher --data world:web:0:64 --threads 2 --repeats 3
+    python -m glip.label_bench --model glip-t --data webdataset:SHARDS --device cuda --precision bf16 --batch-size 16
 
 Modes, on the same pairs (predictor caches cleared before every run):
   read only          prepare every pair (decode / render, noun phrases) and nothing else
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -30,7 +32,7 @@ def run(model, records, settings, repeats: int) -> list[dict]:
         for r in records:
             it = prepare(r, settings)
             if not isinstance(it, dict):
-                model.predict(it.image, it.scoring, threshold=settings.threshold)
+                model.predict(it.image, it.scoring, threshold=settings.threshold, precision=settings.precision)
 
     modes = {"read only": read_only, "predict one by one": one_by_one,
              "batch, foreground": lambda: label_shard(model, records, settings, prefetch=0),
@@ -50,25 +52,35 @@ def run(model, records, settings, repeats: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from .cli_args import Parser, device, one_line
     from .datasets import open_dataset
+    from .errors import GLIPError
     from .label import LabelSettings, resolve_score_words
     from .model import GLIP
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-teacher")
     ap.add_argument("--data", default="world:web:0:64")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--score-words", default="all")
+    ap.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model = GLIP.from_pretrained(a.model, device="cpu")
-    settings = LabelSettings(batch_size=a.batch_size, score_words=resolve_score_words(a.score_words, a.model))
-    records = list(open_dataset(a.data))
-    rows = run(model, records, settings, a.repeats)
-    print(f"{a.model} on {a.data} ({len(records)} pairs), batch {a.batch_size}, {a.threads} threads, {a.repeats} runs")
+    try:
+        model = GLIP.from_pretrained(a.model, device=a.device)
+        settings = LabelSettings(batch_size=a.batch_size, score_words=resolve_score_words(a.score_words, a.model),
+                                 precision=a.precision).validate()
+        records = list(open_dataset(a.data))
+        rows = run(model, records, settings, a.repeats)
+    except GLIPError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"{a.model} on {a.data} ({len(records)} pairs) on {a.device}, {a.precision}, batch {a.batch_size}, "
+          f"{a.threads} threads, {a.repeats} runs")
     for r in rows:
         print(f"  {r['mode']:20s} min {r['min_s']:7.2f} s  median {r['median_s']:7.2f} s  {r['pairs_per_s']:6.2f} pairs/s"
               f"  x{r['speed-up vs one by one']}")

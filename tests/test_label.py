@@ -319,3 +319,36 @@ def test_exported_shards_label_like_the_world(model, tmp_path):
     assert [x["grounding"] for x in a] == [x["grounding"] for x in b]
     assert np.array_equal(*(np.asarray(r.load_image()) for r in (next(iter(open_dataset("world:web:0:1"))),
                                                                  next(iter(open_dataset(f"webdataset:{tmp_path / 'shards'}"))))))
+
+
+def test_label_bench_runs_every_mode_on_the_chosen_precision(tmp_path, capsys):
+    """The throughput benchmark times the four modes on the same pairs and says what it ran on; the
+    one-by-one loop is its own baseline."""
+    from glip.label_bench import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--data", "world:web:0:4", "--batch-size", "2", "--repeats", "1", "--threads", "1",
+                 "--precision", "bf16", "--json", str(out)]) == 0
+    assert "(4 pairs) on cpu, bf16, batch 2" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["read only", "predict one by one", "batch, foreground", "batch, background"]
+    assert all(r["pairs_per_s"] > 0 and r["min_s"] <= r["median_s"] for r in rows)
+    assert rows[1]["speed-up vs one by one"] == 1.0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--data", "nope:xyz"], "unknown dataset scheme 'nope'"),
+    (["--model", "/nonexistent.pth"], "Unknown model '/nonexistent.pth'"),
+    (["--precision", "fp64"], "invalid choice: 'fp64'"),
+    pytest.param(["--device", "cuda"], "Device 'cuda' is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_label_bench_reports_bad_input_in_one_line(args, says, capsys):
+    from glip.label_bench import main
+
+    try:
+        rc = main(args + ["--repeats", "1"])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and says in err and "\n" not in err
