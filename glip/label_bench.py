@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -52,11 +51,7 @@ def run(model, records, settings, repeats: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from .cli_args import Parser, device, one_line
-    from .datasets import open_dataset
-    from .errors import GLIPError
-    from .label import LabelSettings, resolve_score_words
-    from .model import GLIP
+    from .cli_args import Parser, device, run_command
 
     ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy-teacher")
@@ -68,17 +63,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the rows here")
-    a = ap.parse_args(argv)
+    return run_command(_bench, ap.parse_args(argv))
+
+
+def _bench(a) -> None:
+    from .datasets import open_dataset
+    from .label import LabelSettings, resolve_score_words
+    from .model import GLIP
+
     torch.set_num_threads(a.threads)
-    try:
-        model = GLIP.from_pretrained(a.model, device=a.device)
-        settings = LabelSettings(batch_size=a.batch_size, score_words=resolve_score_words(a.score_words, a.model),
-                                 precision=a.precision).validate()
-        records = list(open_dataset(a.data))
-        rows = run(model, records, settings, a.repeats)
-    except GLIPError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    model = GLIP.from_pretrained(a.model, device=a.device)
+    settings = LabelSettings(batch_size=a.batch_size, score_words=resolve_score_words(a.score_words, a.model),
+                             precision=a.precision).validate()
+    records = list(open_dataset(a.data))
+    rows = run(model, records, settings, a.repeats)
     print(f"{a.model} on {a.data} ({len(records)} pairs) on {a.device}, {a.precision}, batch {a.batch_size}, "
           f"{a.threads} threads, {a.repeats} runs")
     for r in rows:
@@ -87,7 +85,6 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

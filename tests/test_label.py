@@ -321,11 +321,15 @@ def test_exported_shards_label_like_the_world(model, tmp_path):
                                                                  next(iter(open_dataset(f"webdataset:{tmp_path / 'shards'}"))))))
 
 
-def test_label_bench_runs_every_mode_on_the_chosen_precision(tmp_path, capsys):
+def test_label_bench_runs_every_mode_on_the_chosen_precision(tmp_path, capsys, monkeypatch):
     """The throughput benchmark times the four modes on the same pairs and says what it ran on; the
-    one-by-one loop is its own baseline."""
+    one-by-one loop is its own baseline, at the same precision as the batches."""
     from glip.label_bench import main
+    from glip.model import GLIP
 
+    seen = []
+    predict = GLIP.predict
+    monkeypatch.setattr(GLIP, "predict", lambda self, *a, **k: seen.append(k["precision"]) or predict(self, *a, **k))
     out = tmp_path / "rows.json"
     assert main(["--data", "world:web:0:4", "--batch-size", "2", "--repeats", "1", "--threads", "1",
                  "--precision", "bf16", "--json", str(out)]) == 0
@@ -334,6 +338,7 @@ def test_label_bench_runs_every_mode_on_the_chosen_precision(tmp_path, capsys):
     assert [r["mode"] for r in rows] == ["read only", "predict one by one", "batch, foreground", "batch, background"]
     assert all(r["pairs_per_s"] > 0 and r["min_s"] <= r["median_s"] for r in rows)
     assert rows[1]["speed-up vs one by one"] == 1.0
+    assert seen and set(seen) == {"bf16"}
 
 
 @pytest.mark.parametrize("args, says", [
