@@ -20,7 +20,8 @@ import time
 import torch
 
 
-def run(model, records, settings, repeats: int) -> list[dict]:
+def run(model, records, settings, repeats: int, modes: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows of every mode (or those named in `modes`), interleaved `repeats` times."""
     from .label import label_shard, prepare
 
     def read_only():
@@ -33,9 +34,10 @@ def run(model, records, settings, repeats: int) -> list[dict]:
             if not isinstance(it, dict):
                 model.predict(it.image, it.scoring, threshold=settings.threshold, precision=settings.precision)
 
-    modes = {"read only": read_only, "predict one by one": one_by_one,
+    every = {"read only": read_only, "predict one by one": one_by_one,
              "batch, foreground": lambda: label_shard(model, records, settings, prefetch=0),
              "batch, background": lambda: label_shard(model, records, settings, prefetch=32)}
+    modes = {name: every[name] for name in (modes or every)}
     label_shard(model, records[: settings.batch_size], settings)  # warm-up (tagger, tokenizer, allocator)
     times = {name: [] for name in modes}
     for _ in range(repeats):  # interleaved, so that load changes hit every mode alike
@@ -44,10 +46,11 @@ def run(model, records, settings, repeats: int) -> list[dict]:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["predict one by one"])
+    base = statistics.median(times["predict one by one"]) if "predict one by one" in times else None
     return [{"mode": name, "min_s": round(min(ts), 2), "median_s": round(statistics.median(ts), 2),
              "pairs_per_s": round(len(records) / statistics.median(ts), 2),
-             "speed-up vs one by one": round(base / statistics.median(ts), 2)} for name, ts in times.items()]
+             "speed-up vs one by one": round(base / statistics.median(ts), 2) if base else None}
+            for name, ts in times.items()]
 
 
 def main(argv=None) -> int:
