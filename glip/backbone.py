@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .config import GLIPConfig
 
 
@@ -110,7 +111,7 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, H, W, shift_mask):
-        if not torch.is_grad_enabled() and not self.training:
+        if not torch.is_grad_enabled() and not self.training and runtime.host_tiled(x):
             return self._forward_in_place(x, H, W, shift_mask)
         B, L, C = x.shape
         ws = self.window_size
@@ -180,7 +181,7 @@ class PatchMerging(nn.Module):
     def forward(self, x, H, W):
         B, L, C = x.shape
         x = x.view(B, H, W, C)
-        if not torch.is_grad_enabled():  # inference: a band of output rows at a time (no whole-map 4C-wide copies)
+        if not torch.is_grad_enabled() and runtime.host_tiled(x):  # a band of output rows at a time (no whole-map 4C-wide copies)
             H2, W2 = (H + 1) // 2, (W + 1) // 2
             out = x.new_empty(B, H2, W2, self.reduction.out_features)
             step = max(1, CHUNK_BYTES // (4 * 4 * C * W2))
@@ -198,13 +199,12 @@ class PatchMerging(nn.Module):
 
 
 def shift_window_mask(Hp: int, Wp: int, ws: int, shift: int, device) -> torch.Tensor:
-    """The 9-region mask of shifted windows on the padded grid: 0 inside a region, -100 across."""
-    img = torch.zeros(1, Hp, Wp, 1, device=device)
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
-            img[:, hs, wsl, :] = cnt
-            cnt += 1
+    """The 9-region mask of shifted windows on the padded grid: 0 inside a region, -100 across. Regions are
+    numbered 3·(row band) + (column band), the bands being [0, n - ws), [n - ws, n - shift), [n - shift, n)."""
+    def band(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device)
+        return (i >= n - ws).float() + (i >= n - shift).float()
+    img = (band(Hp)[:, None] * 3 + band(Wp)[None, :]).view(1, Hp, Wp, 1)
     mw = window_partition(img, ws).squeeze(-1)
     diff = mw[:, None, :] - mw[:, :, None]
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
@@ -267,9 +267,9 @@ class SwinTransformer(nn.Module):
         x = self.patch_embed(x)
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, HW, C), channels strided
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not runtime.host_tiled(x):
             x = self.patch_embed.norm(x)
-        else:  # inference: normed a band of tokens at a time into one buffer (no whole-map transposed copy)
+        else:  # CPU inference: normed a band of tokens at a time into one buffer (no whole-map transposed copy)
             out = x.new_empty(x.shape)
             step = max(1, CHUNK_BYTES // (4 * C))
             for s in range(0, H * W, step):

@@ -75,8 +75,10 @@ def make_shards(out_dir: Path, n: int, size: tuple[int, int] = (480, 640), per_s
 
 
 def step_env(dev: torch.device) -> dict:
+    from .dyhead import _tv_deform_conv2d
+
     info = dict(torch=torch.__version__, python=platform.python_version(), device=str(dev),
-                cpu_threads=torch.get_num_threads())
+                cpu_threads=torch.get_num_threads(), torchvision_dcn=_tv_deform_conv2d is not None)
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         info.update(cuda=torch.version.cuda, name=p.name, memory_gib=round(p.total_memory / 2 ** 30, 1),
@@ -94,10 +96,10 @@ def step_parity(dev: torch.device, fixture: Path, out: Path) -> dict:
                 worst=worst.name if worst else None, worst_abs=worst.max_abs if worst else None)
 
 
-def step_bench(dev: torch.device, preset: str, precision: str, hw: tuple[int, int], runs: int, out: Path) -> dict:
+def step_bench(dev: torch.device, model, precision: str, hw: tuple[int, int], runs: int, out: Path) -> dict:
     from .bench import format_result, run_bench
 
-    res = run_bench(preset, hw[0], hw[1], runs=runs, device=str(dev), precision=precision)
+    res = run_bench(model.config.name, hw[0], hw[1], runs=runs, device=str(dev), precision=precision, model=model)
     (out / f"bench-{precision}.json").write_text(json.dumps(res.to_json(), indent=1))
     (out / f"bench-{precision}.txt").write_text(format_result(res) + "\n")
     rows = {r.key: dict(min_s=r.min_s, median_s=r.median_s, gflop=r.gflop, over_floor=r.over_floor) for r in res.rows}
@@ -105,15 +107,11 @@ def step_bench(dev: torch.device, preset: str, precision: str, hw: tuple[int, in
                 predict_goal_met=rows["predict"]["min_s"] < GOAL_PREDICT_S)
 
 
-def step_profile(dev: torch.device, preset: str, precision: str, hw: tuple[int, int], out: Path) -> dict:
+def step_profile(dev: torch.device, model, precision: str, hw: tuple[int, int], out: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from .bench import NAMES
-    from .config import get_preset
-    from .model import GLIP
 
-    torch.manual_seed(0)
-    model = GLIP(get_preset(preset)).eval().to(dev)
     image = np.random.default_rng(0).integers(0, 255, (hw[0], hw[1], 3), dtype=np.uint8)
     kw = dict(min_size=min(hw), max_size=max(hw), precision=precision)
     model.predictor.predict(image, NAMES, **kw)  # warm-up
@@ -134,16 +132,11 @@ def step_profile(dev: torch.device, preset: str, precision: str, hw: tuple[int, 
                 device_time_ms=round(sum(getattr(e, "device_time", 0.0) for e in kernels) / 1e3, 2) if kernels else None)
 
 
-def step_label(model_preset: str, dev: torch.device, precision: str, batch: int, data: str, repeats: int,
-               baseline: bool, out: Path) -> dict:
-    from .config import get_preset
+def step_label(model, precision: str, batch: int, data: str, repeats: int, baseline: bool, out: Path) -> dict:
     from .datasets import open_dataset
     from .label import LabelSettings
     from .label_bench import run
-    from .model import GLIP
 
-    torch.manual_seed(0)
-    model = GLIP(get_preset(model_preset)).eval().to(dev)
     settings = LabelSettings(batch_size=batch, precision=precision).validate()
     records = list(open_dataset(data))
     modes = ("read only", "batch, background") + (("predict one by one",) if baseline else ())
@@ -165,9 +158,20 @@ def run_check(out: Path, device: str = "cuda", preset: str = "glip-t", precision
     dev = resolve_device(device)
     t0 = time.perf_counter()
     summary: dict = {"goals": {"predict_s": GOAL_PREDICT_S, "images_per_s": GOAL_IMAGES_PER_S}, "steps": {}}
+    built: list = []
+
+    def model():  # one model (random weights, seeded) for every step that needs one, built when first needed
+        if not built:
+            from .config import get_preset
+            from .model import GLIP
+
+            torch.manual_seed(0)
+            built.append(GLIP(get_preset(preset)).eval().to(dev))
+        return built[0]
+
     steps = [("env", lambda: step_env(dev)), ("parity", lambda: step_parity(dev, fixture, out))]
-    steps += [(f"bench-{p}", lambda p=p: step_bench(dev, preset, p, hw, runs, out)) for p in precisions]
-    steps += [(f"profile-{p}", lambda p=p: step_profile(dev, preset, p, hw, out)) for p in precisions]
+    steps += [(f"bench-{p}", lambda p=p: step_bench(dev, model(), p, hw, runs, out)) for p in precisions]
+    steps += [(f"profile-{p}", lambda p=p: step_profile(dev, model(), p, hw, out)) for p in precisions]
     scratch = tempfile.TemporaryDirectory(prefix="glip-device-check-")  # the shards stay out of `out`
     data: list[str] = []
 
@@ -178,7 +182,7 @@ def run_check(out: Path, device: str = "cuda", preset: str = "glip-t", precision
     def label(p: str, b: int, baseline: bool) -> dict:
         if not data:
             raise RuntimeError("no shards to label (the shards step did not run)")
-        return step_label(preset, dev, p, b, data[0], repeats, baseline, out)
+        return step_label(model(), p, b, data[0], repeats, baseline, out)
 
     steps.append(("shards", shards))
     steps += [(f"label-{p}-b{b}", lambda p=p, b=b, i=i: label(p, b, i == 0)) for p in precisions for i, b in enumerate(batches)]

@@ -8,18 +8,22 @@ reads an all-zero row, the DCNv2 kernel's rule, which also makes 1-pixel maps ex
 of positions whose columns stay in cache. When torchvision's `deform_conv2d` imports it is used
 instead (same offset/mask layout).
 
-The plain 3×3 conv that predicts the offsets reads the same zero-bordered table: one GEMM gives every
-pixel's contribution to all 9 taps, and 9 shifted slices of it are summed (a 27-channel conv is a
-narrow GEMM, slow in im2col form). A level's table is shared by the coarser branch of the level below,
-the level's own offset conv and its own DCN.
+On the CPU the plain 3×3 conv that predicts the offsets reads the same zero-bordered table: one GEMM
+gives every pixel's contribution to all 9 taps, and 9 shifted slices of it are summed (a 27-channel conv
+is a narrow GEMM, slow in im2col form). A level's table is shared by the coarser branch of the level
+below, the level's own offset conv and its own DCN. Off the CPU (`runtime.host_tiled`) the offset conv is
+a plain conv and the gather runs over the whole batch in one chunk: fewer, larger kernels.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import runtime
 
 try:  # optional fast path; torchvision cannot be installed beside the CPU torch used here
     from torchvision.ops import deform_conv2d as _tv_deform_conv2d
@@ -29,6 +33,9 @@ except Exception:  # pragma: no cover - depends on the environment
 # Gathered rows (positions × taps) per GEMM chunk: 8 MB of fp32 columns at 256 channels, which
 # stay in cache between the gather and the GEMM (whole-map columns are 155 MB at 800×1333).
 CHUNK_ROWS = 8192
+# Off the CPU (`runtime.host_tiled`): gathered columns per chunk, in bytes; at batch 1 every level of an
+# 800×1333 image is one chunk.
+DEVICE_CHUNK_BYTES = 1 << 30
 # fp32 CPU inference: MKL's GEMM with the weight packed once per call (`_mkl_linear`, the op torch's own
 # frozen-graph linear uses) when a call has at least this many full chunks to amortise the packing.
 PACK_MIN_CHUNKS = 4
@@ -63,10 +70,26 @@ def conv3x3_from_table(table: torch.Tensor, H: int, W: int, weight: torch.Tensor
     return out.permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=64)
+def _tap_grid(Ho: int, Wo: int, W: int, kh: int, kw: int, stride: int, padding: int, dilation: int,
+              device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every call at one shape shares, formed on the device once: the zero-offset sample rows (Ho, 1, K)
+    and columns (Wo, K) of every tap in table coordinates (+1, the zero border), and the table-row offsets
+    0, 1, W + 3, W + 4 of a point's four corners."""
+    with torch.no_grad():
+        ki = (torch.arange(kh, device=device, dtype=dtype) * dilation).repeat_interleave(kw)  # tap rows
+        kj = (torch.arange(kw, device=device, dtype=dtype) * dilation).repeat(kh)             # tap cols
+        gy = (torch.arange(Ho, device=device, dtype=dtype) * stride + (1 - padding))[:, None, None] + ki
+        gx = (torch.arange(Wo, device=device, dtype=dtype) * stride + (1 - padding))[:, None] + kj
+        c = torch.arange(4, device=device)
+        return gy, gx, c // 2 * (W + 3) + c % 2
+
+
 def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: int, kw: int,
                   stride: int = 1, padding: int = 1, dilation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `sample_table` and weights of the 4 corners of every (position, tap), in
-    (B, Ho·Wo·K, 4) position-major order; weights are bilinear × modulation.
+    """Rows of `sample_table` (its batch flattened: (B·(H+3)·(W+3), C)) and weights of the 4 corners of
+    every (position, tap), in (B·Ho·Wo·K, 4) image-major, position-major order; weights are bilinear ×
+    modulation.
 
     The DCNv2 kernel reads 0 for a corner outside the map, and nothing for a point outside
     (-1, H) × (-1, W). Clamping the point to [-1, H] × [-1, W] keeps that: a point beyond the map
@@ -76,29 +99,29 @@ def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: 
     dev = offset.device
     infer = not torch.is_grad_enabled()
     dt = torch.float32 if offset.dtype in (torch.float16, torch.bfloat16) else offset.dtype  # positions need fp32
-    ki = (torch.arange(kh, device=dev, dtype=dt) * dilation).repeat_interleave(kw)  # tap rows
-    kj = (torch.arange(kw, device=dev, dtype=dt) * dilation).repeat(kh)             # tap cols
+    gy, gx, corner = _tap_grid(Ho, Wo, W, kh, kw, stride, padding, dilation, dev, dt)
     # position-major views (B, Ho, Wo, K, (dy, dx)) and (B, Ho, Wo, K): no copy of channels-last offsets
     off = offset.to(dt).permute(0, 2, 3, 1).reshape(B, Ho, Wo, K, 2)
     m = mask.to(dt).permute(0, 2, 3, 1)
-    py = off[..., 0] + ((torch.arange(Ho, device=dev, dtype=dt) * stride - padding)[:, None, None] + ki)
-    px = off[..., 1] + ((torch.arange(Wo, device=dev, dtype=dt) * stride - padding)[:, None] + kj)
-    py, px = (py.clamp_(-1, H), px.clamp_(-1, W)) if infer else (py.clamp(-1, H), px.clamp(-1, W))
+    # positions in table coordinates (+1: the border), clamped to [0, H + 1] × [0, W + 1]
+    py, px = off[..., 0] + gy, off[..., 1] + gx
+    py, px = (py.clamp_(0, H + 1), px.clamp_(0, W + 1)) if infer else (py.clamp(0, H + 1), px.clamp(0, W + 1))
     y0, x0 = py.floor(), px.floor()
-    Wp = W + 3
     with torch.no_grad():  # the table row of the top-left corner (exact in fp32: tables have < 2^24 rows)
-        top_left = (y0 + 1).mul_(Wp).add_(x0).add_(1).long()
+        top_left = torch.add(x0, y0, alpha=W + 3).long()
     ly, lx = (py.sub_(y0), px.sub_(x0)) if infer else (py - y0, px - x0)
-    hy, hx = 1 - ly, 1 - lx
-    corners = ((hy, hx), (hy, lx), (ly, hx), (ly, lx))  # top-left, top-right, bottom-left, bottom-right
+    my, hx = (m * (1 - ly), m * ly), 1 - lx  # modulation × the row weight of the top / bottom corners
+    corners = ((my[0], hx), (my[0], lx), (my[1], hx), (my[1], lx))  # top-left, top-right, bottom-left, bottom-right
     if infer:  # written straight into the (…, 4) layout
         wts = torch.empty(B, Ho, Wo, K, 4, device=dev, dtype=dt)
         for c, (a, b) in enumerate(corners):
-            torch.mul(torch.mul(a, b), m, out=wts[..., c])
+            torch.mul(a, b, out=wts[..., c])
     else:
-        wts = torch.stack([a * b * m for a, b in corners], -1)
-    rows = top_left[..., None] + torch.tensor([0, 1, Wp, Wp + 1], device=dev)
-    return rows.reshape(B, Ho * Wo * K, 4), wts.reshape(B, Ho * Wo * K, 4)
+        wts = torch.stack([a * b for a, b in corners], -1)
+    if B > 1:  # rows of the batch's tables stacked into one: image b's rows start at b·(H+3)·(W+3)
+        top_left.add_((torch.arange(B, device=dev) * ((H + 3) * (W + 3))).view(B, 1, 1, 1))
+    rows = top_left[..., None] + corner
+    return rows.reshape(B * Ho * Wo * K, 4), wts.reshape(B * Ho * Wo * K, 4)
 
 
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
@@ -120,33 +143,33 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
     K = kh * kw
     Ho, Wo = offset.shape[-2:]
     rows, wts = bilinear_taps(offset, mask, H, W, kh, kw, stride, padding, dilation)
-    table = sample_table(x) if table is None else table
+    table = (sample_table(x) if table is None else table).flatten(0, 1)  # the batch's tables as one
     wts = wts.to(table.dtype)
     w = weight.permute(0, 2, 3, 1).reshape(O, K * C)  # columns in (tap, channel) order, as gathered
-    P, step = Ho * Wo, max(1, CHUNK_ROWS // K)
+    P = B * Ho * Wo  # output positions of the whole batch, chunked alike
+    step = max(1, (CHUNK_ROWS if runtime.host_tiled(x) else DEVICE_CHUNK_BYTES // (C * table.element_size())) // K)
     keep = torch.is_grad_enabled()  # autograd: keep the chunks and concatenate; inference: write in place
     packed = None
     if (not keep and _MKL_LINEAR is not None and x.device.type == "cpu" and table.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and B * (P // step) >= PACK_MIN_CHUNKS):
+            and not torch.is_autocast_enabled("cpu") and P // step >= PACK_MIN_CHUNKS):
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, step)
     out, pieces = None, []
-    for b in range(B):
-        for s in range(0, P, step):
-            e = min(P, s + step)
-            cols = F.embedding_bag(rows[b, s * K:e * K], table[b], per_sample_weights=wts[b, s * K:e * K], mode="sum")
-            cols = cols.view(e - s, K * C)
-            if packed is not None:  # (a last, shorter chunk runs MKL's plain GEMM: same as addmm)
-                y = _MKL_LINEAR(cols, packed, w, bias, step)
-            else:
-                y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
-            if keep:
-                pieces.append(y)
-                continue
-            if out is None:
-                out = y.new_empty(B, P, O)
-            out[b, s:e] = y
-    if keep:
-        out = torch.cat(pieces).view(B, P, O)
+    for s in range(0, P, step):
+        e = min(P, s + step)
+        cols = F.embedding_bag(rows[s * K:e * K], table, per_sample_weights=wts[s * K:e * K], mode="sum")
+        cols = cols.view(e - s, K * C)
+        if packed is not None:  # (a last, shorter chunk runs MKL's plain GEMM: same as addmm)
+            y = _MKL_LINEAR(cols, packed, w, bias, step)
+        else:
+            y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+        if keep or e - s == P:  # autograd, or the whole batch in one chunk: y is the output
+            pieces.append(y)
+            continue
+        if out is None:
+            out = y.new_empty(P, O)
+        out[s:e] = y
+    if pieces:
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return out.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
@@ -216,7 +239,9 @@ class DyReLU(nn.Module):
         y = torch.addcmul(b1 - 0.5, x, a1)  # x·a + (b - 0.5), as official, one pass each
         if torch.is_grad_enabled():
             return torch.maximum(y, torch.addcmul(b2 - 0.5, x, a2))
-        # inference: the second line a band of rows at a time, its maximum written into the first
+        if not runtime.host_tiled(x):
+            return torch.maximum(y, torch.addcmul(b2 - 0.5, x, a2), out=y)
+        # CPU inference: the second line a band of rows at a time, its maximum written into the first
         step = max(1, BAND_BYTES // (x.element_size() * B * C * x.shape[-1]))
         for r in range(0, x.shape[-2], step):
             yb = y[:, :, r:r + step]
@@ -253,7 +278,9 @@ class DyConv(nn.Module):
         for l, x in enumerate(feats):
             t = None if tv else (nxt if nxt is not None else sample_table(x))
             nxt = None
-            om = self.offset(x) if tv else conv3x3_from_table(t, *x.shape[-2:], self.offset.weight, self.offset.bias)
+            # (off the CPU a plain conv: one kernel instead of a GEMM and nine shifted sums)
+            om = (self.offset(x) if tv or not runtime.host_tiled(x)
+                  else conv3x3_from_table(t, *x.shape[-2:], self.offset.weight, self.offset.bias))
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
             # mean over branches of branch × its scale attention, accumulated one branch at a time
             fea = self._attend_scale(self.DyConv[1](x, offset, mask, t), None, infer)

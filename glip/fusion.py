@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .config import CLAMP
 
 NORM_BAND_BYTES = 4 << 20  # inference normalises the flattened pyramid in bands of about this size
@@ -163,7 +164,7 @@ class BiMultiHeadAttention(nn.Module):
     def _banded(self, v: torch.Tensor) -> bool:
         """CPU inference in fp32 / fp64 (the online sums stay in the input's precision; under autocast the
         whole-pyramid order keeps its one-GEMM sums)."""
-        return (not torch.is_grad_enabled() and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+        return (not torch.is_grad_enabled() and runtime.host_tiled(v) and v.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu") and not (self.training and self.dropout > 0))
 
     def uses_bands(self, v: torch.Tensor, n_img: int, n_tok: int) -> bool:
@@ -269,7 +270,7 @@ def _fill(A: torch.Tensor) -> float:
 def _has_padding(pad: torch.Tensor) -> bool:
     """Whether an in-place fill has anything to do (a prompt cropped to its tokens has no padding); on an
     accelerator the fill runs regardless, rather than wait for the answer."""
-    return pad.device.type != "cpu" or bool(pad.any())
+    return not runtime.host_tiled(pad) or bool(pad.any())
 
 
 class VLFuse(nn.Module):
@@ -293,9 +294,9 @@ class VLFuse(nn.Module):
         if ba.attn.uses_bands(visual[0], sum(h * w for h, w in shapes), hidden.shape[1]):
             return self._forward_bands(visual, hidden, masks, keep_attention, shapes)
         v = torch.cat([x.flatten(2).transpose(1, 2) for x in visual], dim=1)  # (B, ΣHW, C)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not runtime.host_tiled(v):
             v = ba.layer_norm_v(v)
-        else:  # inference: normed in place, a band of positions at a time (no second image-sized buffer)
+        else:  # CPU inference: normed in place, a band of positions at a time (no second image-sized buffer)
             step = max(1, NORM_BAND_BYTES // (v.element_size() * C))
             for s in range(0, v.shape[1], step):
                 v[:, s:s + step] = ba.layer_norm_v(v[:, s:s + step])

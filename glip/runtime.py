@@ -68,6 +68,14 @@ def peak_rss_mb() -> float:
     return r / 2**20 if sys.platform == "darwin" else r / 1024
 
 
+def host_tiled(t: torch.Tensor) -> bool:
+    """Whether inference on `t` runs in cache-sized tiles and in place (Swin's slices, banded norms, DyReLU's
+    bands, the DCN's chunks): on the CPU, where that keeps the working set in cache and the peak memory low.
+    On a GPU each tile is more kernel launches, and a branch on a tile's contents a host sync, for no gain:
+    there the same work runs as a few whole-map kernels."""
+    return t.device.type == "cpu"
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps" → a torch.device that exists here.
 

@@ -22,6 +22,7 @@ def test_every_step_runs_and_writes_its_files(checked):
     steps = summary["steps"]
     assert list(steps) == ["env", "parity", "bench-fp32", "profile-fp32", "shards", "label-fp32-b4", "label-fp32-b8"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
+    assert steps["env"]["device"] == "cpu" and isinstance(steps["env"]["torchvision_dcn"], bool)
     assert steps["parity"]["ok"] and steps["parity"]["stages"] > 50 and not steps["parity"]["failed"]
     assert "PARITY OK" in (out / "parity.txt").read_text()
     bench = json.loads((out / "bench-fp32.json").read_text())

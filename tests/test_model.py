@@ -422,7 +422,7 @@ def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch):
         with torch.no_grad():
             ours = deform_conv2d(x.float(), offset.float(), mask.float(), weight.float(), bias.float(), stride, 1,
                                  use_torchvision=False)
-        assert len(calls) == 2 * -(-Ho * Wo // 7) and 7 in calls  # every chunk, full ones included
+        assert len(calls) == -(-2 * Ho * Wo // 7) and 7 in calls  # every chunk of the batch's positions, full ones included
         torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
 
 
