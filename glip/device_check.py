@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import GLIPError
+from .datasets.writers import atomic_write_text
 from .runtime import resolve_device
 
 GOAL_PREDICT_S = 0.040
@@ -90,7 +90,7 @@ def step_parity(dev: torch.device, fixture: Path, out: Path) -> dict:
     from .parity import run_parity
 
     rep = run_parity(fixture, device=str(dev))
-    (out / "parity.txt").write_text(rep.table() + "\n")
+    atomic_write_text(out / "parity.txt", rep.table() + "\n")
     worst = max(rep.rows, key=lambda r: r.max_abs) if rep.rows else None
     return dict(ok=rep.ok, stages=len(rep.rows), failed=[r.name for r in rep.rows if not r.ok],
                 worst=worst.name if worst else None, worst_abs=worst.max_abs if worst else None)
@@ -100,8 +100,8 @@ def step_bench(dev: torch.device, model, precision: str, hw: tuple[int, int], ru
     from .bench import format_result, run_bench
 
     res = run_bench(model.config.name, hw[0], hw[1], runs=runs, device=str(dev), precision=precision, model=model)
-    (out / f"bench-{precision}.json").write_text(json.dumps(res.to_json(), indent=1))
-    (out / f"bench-{precision}.txt").write_text(format_result(res) + "\n")
+    atomic_write_text(out / f"bench-{precision}.json", json.dumps(res.to_json(), indent=1))
+    atomic_write_text(out / f"bench-{precision}.txt", format_result(res) + "\n")
     rows = {r.key: dict(min_s=r.min_s, median_s=r.median_s, gflop=r.gflop, over_floor=r.over_floor) for r in res.rows}
     return dict(gemm_gflops=res.meta["gemm_gflops"], rows=rows,
                 predict_goal_met=rows["predict"]["min_s"] < GOAL_PREDICT_S)
@@ -123,13 +123,13 @@ def step_profile(dev: torch.device, model, precision: str, hw: tuple[int, int], 
         if cuda:
             torch.cuda.synchronize(dev)
     key = "cuda_time_total" if cuda else "cpu_time_total"
-    (out / f"profile-{precision}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    atomic_write_text(out / f"profile-{precision}.txt", prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
     events = prof.events()
     kernels = [e for e in events if cuda and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     ops = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU
            and e.name.startswith("aten::")]
     return dict(kernel_launches=len(kernels), aten_ops=len(ops),
-                device_time_ms=round(sum(getattr(e, "device_time", 0.0) for e in kernels) / 1e3, 2) if kernels else None)
+                device_time_ms=round(sum(e.time_range.elapsed_us() for e in kernels) / 1e3, 2) if kernels else None)
 
 
 def step_label(model, precision: str, batch: int, data: str, repeats: int, baseline: bool, out: Path) -> dict:
@@ -141,7 +141,7 @@ def step_label(model, precision: str, batch: int, data: str, repeats: int, basel
     records = list(open_dataset(data))
     modes = ("read only", "batch, background") + (("predict one by one",) if baseline else ())
     rows = run(model, records, settings, repeats, modes=modes)
-    (out / f"label-{precision}-b{batch}.json").write_text(json.dumps(rows, indent=1))
+    atomic_write_text(out / f"label-{precision}-b{batch}.json", json.dumps(rows, indent=1))
     by = {r["mode"]: r for r in rows}
     rate = by["batch, background"]["pairs_per_s"]
     return dict(pairs=len(records), images_per_s=rate, read_only_per_s=by["read only"]["pairs_per_s"],
@@ -187,8 +187,8 @@ def run_check(out: Path, device: str = "cuda", preset: str = "glip-t", precision
     steps.append(("shards", shards))
     steps += [(f"label-{p}-b{b}", lambda p=p, b=b, i=i: label(p, b, i == 0)) for p in precisions for i, b in enumerate(batches)]
     if only:
-        steps = [(n, f) for n, f in steps if n == "shards" and any(o.startswith("label") for o in only)
-                 or any(n.startswith(o) for o in only)]
+        wanted = lambda n: any(n.startswith(o) for o in only)  # noqa: E731
+        steps = [(n, f) for n, f in steps if wanted(n) or (n == "shards" and any(wanted(m) for m, _ in steps if m.startswith("label-")))]
     for name, fn in steps:
         elapsed = time.perf_counter() - t0
         if elapsed > budget_s:
@@ -199,7 +199,7 @@ def run_check(out: Path, device: str = "cuda", preset: str = "glip-t", precision
                 summary["steps"][name] = dict(status="ok", **fn())
             except Exception as e:  # noqa: BLE001 - one step's failure must not cost the others' figures
                 summary["steps"][name] = dict(status="failed", error=f"{e.__class__.__name__}: {e}".splitlines()[0])
-                (out / f"{name}.error.txt").write_text(traceback.format_exc())
+                atomic_write_text(out / f"{name}.error.txt", traceback.format_exc())
             summary["steps"][name]["seconds"] = round(time.perf_counter() - t, 1)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -209,8 +209,8 @@ def run_check(out: Path, device: str = "cuda", preset: str = "glip-t", precision
 
 
 def _write_summary(out: Path, summary: dict) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(format_summary(summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.md", format_summary(summary))
 
 
 def format_summary(summary: dict) -> str:
@@ -250,13 +250,9 @@ def main(argv=None) -> int:
 
 
 def _main(a) -> None:
-    out = Path(a.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise GLIPError(f"cannot write to {out}: {e.strerror or e}") from None
+    from .label import check_writable
+
+    out = check_writable(a.out)
     kw = dict(hw=(160, 224), runs=2, pairs=16, batches=(4, 8), repeats=1) if a.small else {}
     only = tuple(o.strip() for o in a.only.split(",") if o.strip())
     summary = run_check(out, a.device, a.preset, fixture=a.fixture, budget_s=a.budget_s, only=only, **kw)

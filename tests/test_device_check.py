@@ -51,7 +51,7 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
     assert steps["env"]["status"] == steps["shards"]["status"] == "ok"
 
 
-def test_label_without_shards_and_budget_spent(tmp_path):
+def test_a_label_step_brings_its_shards_and_a_spent_budget_skips(tmp_path):
     summary = run_check(tmp_path, **SMALL, only=("label-fp32-b8",))
     assert list(summary["steps"]) == ["shards", "label-fp32-b8"]  # the shards come with any label step
     spent = run_check(tmp_path / "b", **SMALL, budget_s=-1, only=("env", "bench"))
