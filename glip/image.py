@@ -13,6 +13,7 @@ size is computed from the ORIGINAL size, so a shrunk copy reaches the model at t
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -216,21 +217,28 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def resized_hw(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """The official evaluation `Resize.get_size` rule."""
+    """The official evaluation `Resize.get_size` rule. An image so thin that the rule leaves it a short side of
+    one pixel or less (an aspect ratio of several hundred to one, where the official code fails on a 0-pixel
+    side or skips the resize) is fed at 1 × `max_size`."""
     size = min_size
     short, long = float(min(w, h)), float(max(w, h))
     if max_size and long / short * size > max_size:
         size = int(round(max_size * short / long))
     if (w <= h and w == size) or (h <= w and h == size):
-        return h, w
-    if w < h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
+        out = h, w
+    elif w < h:
+        out = int(size * h / w), size
+    else:
+        out = size, int(size * w / h)
+    if max_size and min(out) <= 1 and (min(out) < 1 or max(out) > max_size):
+        out = (max_size, 1) if h > w else (1, max_size)
+    return out
 
 
-def to_tensor(image, min_size: int, max_size: int, mean, std) -> torch.Tensor:
-    """RGB PIL image (or LoadedImage) → normalised BGR float tensor (3, h, w), (h, w) the official resize of the
-    ORIGINAL size (for a LoadedImage, its `size`; the pixels may be a shrunk copy)."""
+def resize_pixels(image, min_size: int, max_size: int) -> torch.Tensor:
+    """RGB PIL image (or LoadedImage) → uint8 RGB tensor (3, h, w) at the official resize of the ORIGINAL size
+    (for a LoadedImage, its `size`; the pixels may be a shrunk copy). The part of the preprocessing that needs
+    the CPU: it can run ahead in a worker, and the batch travels to the device as bytes."""
     if isinstance(image, LoadedImage):
         (W, H), image = image.size, image.pixels
     else:
@@ -238,11 +246,34 @@ def to_tensor(image, min_size: int, max_size: int, mean, std) -> torch.Tensor:
     h, w = resized_hw(H, W, min_size, max_size)
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    x = x[[2, 1, 0]] * 255
-    mean = torch.tensor(mean, dtype=x.dtype)[:, None, None]
-    std = torch.tensor(std, dtype=x.dtype)[:, None, None]
-    return (x - mean) / std
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 RGB (..., 3, h, w) → float BGR on the 0..255 scale, minus `mean`, over `std` (official
+    `ToTensor` → ×255 BGR → `Normalize`), on the tensor's own device."""
+    mean, std = _channel_constants(tuple(mean), tuple(std), pixels.device)
+    x = pixels[..., [2, 1, 0], :, :].float()  # the channel swap on the bytes: a permutation, exact
+    return x.div_(255).mul_(255).sub_(mean).div_(std)  # the official ops in their order, in place
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on `device`, uploaded once rather than with every image."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
+            torch.tensor(std, dtype=torch.float32, device=device)[:, None, None])
+
+
+def to_tensor(image, min_size: int, max_size: int, mean, std) -> torch.Tensor:
+    """RGB PIL image (or LoadedImage) → normalised BGR float tensor (3, h, w): `resize_pixels`, then `normalize`."""
+    return normalize(resize_pixels(image, min_size, max_size), mean, std)
+
+
+def batch_pixels(pixels: list[torch.Tensor], mean, std, divisibility: int = 32,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """`batch_images` of the normalised images, built on `device` from uint8 `resize_pixels` outputs: the
+    bytes are copied over and normalised there (the same values as normalising first, then padding)."""
+    return batch_images([normalize(p.to(device), mean, std) for p in pixels], divisibility)
 
 
 def batch_images(tensors: list[torch.Tensor], divisibility: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -257,5 +288,5 @@ def batch_images(tensors: list[torch.Tensor], divisibility: int = 32) -> tuple[t
     return out, [(t.shape[1], t.shape[2]) for t in tensors]
 
 
-__all__ = ["MAX_PIXELS", "MAX_SIDE", "ImageError", "LoadedImage", "batch_images", "check_pixels", "fit_size",
-           "load_image", "open_image", "probe_size", "resized_hw", "to_tensor"]
+__all__ = ["MAX_PIXELS", "MAX_SIDE", "ImageError", "LoadedImage", "batch_images", "batch_pixels", "check_pixels", "fit_size",
+           "load_image", "normalize", "open_image", "probe_size", "resize_pixels", "resized_hw", "to_tensor"]

@@ -173,8 +173,8 @@ class LabelSettings:
 
 @dataclass
 class Prepared:
-    """A pair ready for the model: the decoded full-size image, its noun-phrase prompt and the prompt
-    that scores it."""
+    """A pair ready for the model: the decoded full-size image (a `PreparedImage` when already resized for
+    the model), its noun-phrase prompt and the prompt that scores it."""
 
     record: Record
     image: object
@@ -186,8 +186,15 @@ def reject(record: Record, reason: str, detail: str = "") -> dict:
     return {"key": record.key, "file_name": record.file_name, "reason": reason, "detail": detail or reason}
 
 
-def prepare(record: Record, settings: LabelSettings) -> Prepared | dict:
-    """`Prepared`, or a reject {key, file_name, reason, detail} for a sample that cannot be labelled."""
+def image_preparer(model):
+    """The model's `prepare_image` (decode, key, resize to its input size) when it has one, else None."""
+    return getattr(model, "prepare_image", None)
+
+
+def prepare(record: Record, settings: LabelSettings, prepare_image=None) -> Prepared | dict:
+    """`Prepared`, or a reject {key, file_name, reason, detail} for a sample that cannot be labelled. With
+    `prepare_image` (see `image_preparer`) the image is also made ready for the model here, so that a reader
+    thread does the resize instead of the thread that drives the model."""
     if record.error:
         return reject(record, "malformed record", record.error)
     if record.caption is None:
@@ -198,6 +205,8 @@ def prepare(record: Record, settings: LabelSettings) -> Prepared | dict:
         return reject(record, "empty caption")
     try:
         image = decode_image(record.image, record.file_name or record.key)
+        if prepare_image is not None:
+            image = prepare_image(image)
     except ImageError as e:
         return reject(record, IMAGE_REJECTS[1] if "too large" in str(e) else IMAGE_REJECTS[0], str(e))
     try:
@@ -313,7 +322,8 @@ def label_shard(model, records: Iterable[Record], settings: LabelSettings = Labe
     > 0 the records are decoded in a background thread that many pairs ahead of the model."""
     settings.validate()
     model.eval()
-    items = (prepare(r, settings) for r in records)
+    ready = image_preparer(model)
+    items = (prepare(r, settings, ready) for r in records)
     if prefetch > 0:
         items = _background(items, prefetch)
     return label_items(model, items, settings, on_batch)
@@ -475,7 +485,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 # the local driver
 # --------------------------------------------------------------------------------------------------
-def _shard_stream(shards: Iterator, settings: LabelSettings, depth: int):
+def _shard_stream(shards: Iterator, settings: LabelSettings, depth: int, prepare_image=None):
     """(shard, iterator of its prepared items) for each shard, prepared by one background worker that runs
     ahead across shard boundaries. Each item iterator must be consumed before the next shard is taken."""
     marker_start, marker_end = object(), object()
@@ -484,7 +494,7 @@ def _shard_stream(shards: Iterator, settings: LabelSettings, depth: int):
         for shard in shards:
             yield marker_start, shard
             for r in shard:
-                yield None, prepare(r, settings)
+                yield None, prepare(r, settings, prepare_image)
             yield marker_end, shard
 
     stream = _background(flat(), depth) if depth > 0 else flat()
@@ -586,7 +596,7 @@ def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings |
     t0 = time.perf_counter()
     reasons: dict[str, int] = {}
     n_done = 0
-    for s, items in _shard_stream(plan.todo(), settings, prefetch):
+    for s, items in _shard_stream(plan.todo(), settings, prefetch, image_preparer(model)):
         result = label_items(model, items, settings, on_batch)
         plan.add(s, write_shard(plan.out, s.name, result))
         for r in result.rejects:

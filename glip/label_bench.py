@@ -4,7 +4,7 @@
     python -m glip.label_bench --model glip-t --data webdataset:SHARDS --device cuda --precision bf16 --batch-size 16
 
 Modes, on the same pairs (predictor caches cleared before every run):
-  read only          prepare every pair (decode / render, noun phrases) and nothing else
+  read only          prepare every pair (decode / render, resize for the model, noun phrases) and nothing else
   predict one by one prepare a pair, then model.predict on it alone (the loop a script would write)
   batch, foreground  `label_shard` with `batch_size` pairs per padded batch, reading between batches
   batch, background  the same with the reading in a background worker (what `glip label` runs)
@@ -22,15 +22,17 @@ import torch
 
 def run(model, records, settings, repeats: int, modes: tuple[str, ...] | None = None) -> list[dict]:
     """Rows of every mode (or those named in `modes`), interleaved `repeats` times."""
-    from .label import label_shard, prepare
+    from .label import image_preparer, label_shard, prepare
+
+    ready = image_preparer(model)
 
     def read_only():
         for r in records:
-            prepare(r, settings)
+            prepare(r, settings, ready)
 
     def one_by_one():
         for r in records:
-            it = prepare(r, settings)
+            it = prepare(r, settings, ready)
             if not isinstance(it, dict):
                 model.predict(it.image, it.scoring, threshold=settings.threshold, precision=settings.precision)
 

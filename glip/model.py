@@ -133,6 +133,12 @@ class GLIP(nn.Module):
             self._predictor = Predictor(self)
         return self._predictor
 
+    def prepare_image(self, image, min_size: int | None = None, max_size: int | None = None):
+        """Everything `predict` does to an image before the network (decode, cache key, resize to the model's
+        input size) → a `PreparedImage` that `predict` takes in place of the image. Safe to call in a worker
+        thread while this model predicts, so a loader can keep the CPU work off the device's critical path."""
+        return self.predictor.prepare_image(image, min_size, max_size, resize=True)
+
     def predict(self, image, prompt, spans=None, phrases=None, threshold: float = 0.5, nms_iou: float | None = None,
                 max_dets: int = 100, min_size: int | None = None, max_size: int | None = None, mode: str = "auto",
                 output_attentions: bool = False, precision: str = "fp32", fusion: bool = True,
@@ -140,7 +146,7 @@ class GLIP(nn.Module):
         """Ground `prompt` in `image` → GroundingResult (boxes xyxy in the original image's pixels, scores,
         phrase of each box, token scores); a list of images with a list of prompts runs as one padded batch.
 
-        image: PIL image, numpy array, path, bytes or LoadedImage. Images over `glip.image.MAX_PIXELS` are refused
+        image: PIL image, numpy array, path, bytes, LoadedImage or PreparedImage (`prepare_image`). Images over `glip.image.MAX_PIXELS` are refused
           from their header; large ones are shrunk before the model sees them, boxes still come back in the
           original's frame (`result.image_size`).
         prompt: a caption ("a dog on a sofa"), a category list ("person . dog" or ["person", "dog"]) or a Prompt;

@@ -43,15 +43,15 @@ def atss_postprocess(token_logits: list[torch.Tensor], bbox_reg: list[torch.Tens
         prob = phrase_scores(logit.float(), pmap)                     # (HW, P)
         reg = reg.float().permute(1, 2, 0).reshape(-1, 4)
         ctr = ctr.float().reshape(-1).sigmoid()
-        cand = prob > inference_th
-        n = int(cand.sum())
+        nz = (prob > inference_th).nonzero()  # (n, 2) row-major: the one read-back of the level
+        n = len(nz)
         cands.append(n)
         k = min(n, pre_nms_top_n)
         if k == 0:
             continue
-        s = (prob * ctr[:, None])[cand]
+        s = prob[nz[:, 0], nz[:, 1]] * ctr[nz[:, 0]]
         s, idx = s.topk(k, sorted=True)
-        nz = cand.nonzero()[idx]
+        nz = nz[idx]
         loc, label = nz[:, 0], nz[:, 1]
         boxes = clip_boxes(coder.decode(reg[loc], anc[loc]), h, w)
         all_boxes.append(boxes)

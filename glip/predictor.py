@@ -52,7 +52,10 @@ class LRU(OrderedDict):
 
 
 @dataclass
-class _ImageEntry:
+class PreparedImage:
+    """An image decoded, keyed for the caches and resized for one input size (`Predictor.prepare_image`):
+    what `predict` does to an image before the network, done ahead (in a worker thread, say) and then passed
+    to `predict` in place of the image."""
     key: str
     loaded: LoadedImage           # pixels (possibly shrunk) + the original size
     pre: Preprocessor
@@ -66,9 +69,14 @@ class _ImageEntry:
         return self.pre.resized_hw(self.loaded.size)
 
     @cached_property
+    def pixels(self) -> torch.Tensor:
+        """(3, h, w) uint8 RGB at the model's input size; only built when the image features are not cached."""
+        return self.pre.pixels(self.loaded)
+
+    @property
     def tensor(self) -> torch.Tensor:
-        """(3, h, w) normalised; only built when the image features are not cached."""
-        return self.pre.image(self.loaded)
+        """(3, h, w) normalised, on the CPU."""
+        return self.pre.batch_pixels([self.pixels])[0][0, :, : self.hw[0], : self.hw[1]]
 
 
 @dataclass
@@ -80,6 +88,17 @@ class GroundingState:
     prompt: Prompt                 # the chunk's prompt
     phrase_index: list[int]        # chunk phrase j → phrase index in the full prompt
     n_tokens: int                  # valid tokens of the chunk ([CLS] … [SEP])
+
+
+def _anchor_rows(token_logits: list[torch.Tensor], level: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """(N, T) rows `token_logits[level[i]][0, loc[i]]`, gathered level by level on the tensors' device, without
+    reading `level` or `loc` back to the host."""
+    rows = token_logits[0].new_zeros(len(level), token_logits[0].shape[-1])
+    for lvl, logits in enumerate(token_logits):
+        here = level == lvl
+        picked = logits[0].index_select(0, torch.where(here, loc, 0))
+        rows = torch.where(here[:, None], picked, rows)
+    return rows
 
 
 class Predictor:
@@ -109,14 +128,24 @@ class Predictor:
             raise ConfigError(f"Input size out of range: min {pre.min_size} (32–4096), max {pre.max_size} (≥ min, ≤ 8192)")
         return pre
 
-    def prepare_image(self, image, min_size: int | None = None, max_size: int | None = None) -> _ImageEntry:
+    def prepare_image(self, image, min_size: int | None = None, max_size: int | None = None,
+                      resize: bool = False) -> PreparedImage:
         """Load (header checked before decoding) and key an image for the caches. The pixels kept are at most
         twice the model's input size (JPEGs are decoded at a reduced scale when that suffices); the original
-        size is kept for the boxes. Images up to that size reach the model exactly as officially preprocessed."""
+        size is kept for the boxes. Images up to that size reach the model exactly as officially preprocessed.
+        `resize` also makes the model-size pixels now (in this thread) rather than when the network needs them.
+        Touches no cache, so a worker thread may call it while another predicts."""
         pre = self.preprocessor(min_size, max_size)
-        loaded = pre.load(image)
-        digest = hashlib.sha1(loaded.pixels.tobytes()).hexdigest()[:16]
-        return _ImageEntry(f"{digest}:{loaded.pixels.size}:{loaded.size}:{pre.min_size}:{pre.max_size}", loaded, pre)
+        if isinstance(image, PreparedImage) and vars(image.pre) == vars(pre):
+            entry = image
+        else:
+            loaded = pre.load(image.loaded if isinstance(image, PreparedImage) else image)
+            digest = hashlib.sha1(loaded.pixels.tobytes()).hexdigest()[:16]
+            entry = PreparedImage(f"{digest}:{loaded.pixels.size}:{loaded.size}:{pre.min_size}:{pre.max_size}",
+                                  loaded, pre)
+        if resize:
+            entry.pixels  # noqa: B018 (cached_property: built here)
+        return entry
 
     def prepare_prompt(self, prompt, phrases=None, spans=None, mode: str = "auto") -> Prompt:
         if isinstance(prompt, Prompt):
@@ -130,12 +159,12 @@ class Predictor:
         return parse_prompt(prompt, phrases=phrases, spans=spans, mode=mode)
 
     # --- the network, with caches ----------------------------------------------------------------
-    def _features(self, entries: list[_ImageEntry], precision: str) -> list[torch.Tensor]:
+    def _features(self, entries: list[PreparedImage], precision: str) -> list[torch.Tensor]:
         key = (tuple(e.key for e in entries), precision)
         feats = self.images.get(key)
         if feats is None:
-            batch, _ = entries[0].pre.batch([e.tensor for e in entries])
-            feats = self.model.encode_image(batch.to(self.device))
+            batch, _ = entries[0].pre.batch_pixels([e.pixels for e in entries], self.device)
+            feats = self.model.encode_image(batch)
             self.stats["image_runs"] += 1
             self.images.put(key, feats)
         return feats
@@ -167,7 +196,7 @@ class Predictor:
                 f.enabled = b
 
     @torch.no_grad()
-    def run(self, entries: list[_ImageEntry], chunks: list[tuple[Prompt, list[int]]], output_attentions: bool = False,
+    def run(self, entries: list[PreparedImage], chunks: list[tuple[Prompt, list[int]]], output_attentions: bool = False,
             precision: str = "fp32", fusion: bool = True) -> list[GroundingState]:
         """Head outputs for a batch of images, one prompt chunk per image (cached per batch).
         fusion=False switches the X-MHA residuals off for this call (the deep-fusion ablation)."""
@@ -187,8 +216,9 @@ class Predictor:
         self.stats["head_runs"] += 1
         anchors = self.model.anchors(feats)
         states = []
+        n_tokens = text.masks.sum(1).tolist()
         for b, (e, (p, idx)) in enumerate(zip(entries, chunks)):
-            n_tok = int(text.masks[b].sum())
+            n_tok = int(n_tokens[b])
             one = HeadOutput(
                 [t[b:b + 1].float() for t in head.token_logits], [t[b:b + 1].float() for t in head.bbox_reg],
                 [t[b:b + 1].float() for t in head.centerness], [t[b:b + 1].float() for t in head.visual],
@@ -250,7 +280,7 @@ class Predictor:
                 per_image[i].append(s)
         return [self._result(e, p, s, *post) for e, p, s in zip(entries, fulls, per_image)]
 
-    def _result(self, entry: _ImageEntry, full: Prompt, states: list[GroundingState], threshold, nms_iou, max_dets,
+    def _result(self, entry: PreparedImage, full: Prompt, states: list[GroundingState], threshold, nms_iou, max_dets,
                 candidate_threshold=None):
         cfg = self.model.config
         cand_th = cfg.inference_th if candidate_threshold is None else candidate_threshold
@@ -283,7 +313,7 @@ class Predictor:
     @staticmethod
     def _token_scores(st: GroundingState, level, loc, full: Prompt, tokens) -> torch.Tensor:
         """σ(S_ground) of each kept box's anchor over the full prompt's tokens (chunk tokens mapped by position)."""
-        rows = torch.stack([st.head.token_logits[int(lv)][0, int(lc)] for lv, lc in zip(level, loc)]).sigmoid().cpu()
+        rows = _anchor_rows(st.head.token_logits, level, loc).sigmoid().cpu()
         if len(full.caption) == len(st.prompt.caption) and full.caption == st.prompt.caption:
             return rows[:, : len(tokens)]
         out = torch.full((len(rows), len(tokens)), float("nan"))
@@ -326,4 +356,4 @@ class Predictor:
         return levels, torch.stack(up).max(0).values
 
 
-__all__ = ["Predictor", "GroundingState", "prompt_tokens", "ImageError", "PromptError"]
+__all__ = ["Predictor", "PreparedImage", "GroundingState", "prompt_tokens", "ImageError", "PromptError"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .image import MAX_SIDE, LoadedImage, batch_images, open_image, resized_hw, to_tensor
+from .image import MAX_SIDE, LoadedImage, batch_images, batch_pixels, open_image, resize_pixels, resized_hw, to_tensor
 from .prompts import Prompt, chunk, positive_map, tokenize
 
 
@@ -47,6 +47,14 @@ class Preprocessor:
     def image(self, image) -> torch.Tensor:
         """RGB PIL image or LoadedImage → (3, h, w) normalised BGR tensor at the resized size."""
         return to_tensor(image, self.min_size, self.max_size, self.mean, self.std)
+
+    def pixels(self, image) -> torch.Tensor:
+        """RGB PIL image or LoadedImage → (3, h, w) uint8 RGB at the resized size (the CPU half of `image`)."""
+        return resize_pixels(image, self.min_size, self.max_size)
+
+    def batch_pixels(self, pixels: list[torch.Tensor], device="cpu") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """`pixels` outputs → the padded normalised batch on `device` (equal to `batch` of `image` outputs)."""
+        return batch_pixels(pixels, self.mean, self.std, self.divisibility, device)
 
     def batch(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Zero-pad to one (B, 3, H, W) batch; returns it and each image's unpadded (h, w)."""
