@@ -596,6 +596,19 @@ def test_api_bad_input_is_answered_and_the_app_keeps_serving(client, scene, tmp_
     assert isinstance(client.predict(handle_file(path), "circle", STUDENT, 0.3, api_name="/ground_json"), dict)
 
 
+def test_every_event_runs_through_the_queue_and_examples_fill_their_inputs(demo, tabs, core):
+    """The guard refuses direct calls, so an event built with queue=False (gr.Examples' loader is one) would do
+    nothing in the browser."""
+    direct = [fn.name for fn in demo.fns.values() if fn.queue is False]
+    assert direct == []
+    for tab, inputs, want in ((tabs["ground"], ("image_in", "prompt_in"), tuple(core.examples[1])),
+                              (tabs["lab"], ("lab_image",), core.examples[1][0])):
+        table = tab.c["examples"]
+        [fn] = [fn for fn in demo.fns.values() if fn.inputs == [table]]
+        assert fn.outputs == [tab.c[k] for k in inputs] and fn.queue is not False
+        assert fn.fn(1) == want
+
+
 def test_queue_bypass_and_private_callbacks_are_refused(server):
     base = server.local_url.rstrip("/")
     body = json.dumps({"data": [None, "circle", STUDENT, 0.3]}).encode()

@@ -95,6 +95,14 @@ def test_the_app_in_a_browser(server, tmp_path):
         page.get_by_role("button", name="Ground", exact=True).wait_for(timeout=60_000)
         shot(page, "loaded")
 
+        # an example row fills the image and the prompt (through the queue: direct calls are refused)
+        ex_path, ex_prompt = server.core.examples[0]
+        page.locator("#ground-examples tbody tr").first.click()
+        page.wait_for_function("p => document.querySelector('#prompt-in textarea').value === p", arg=ex_prompt,
+                               timeout=20_000)
+        page.locator("#image-in img").first.wait_for(timeout=20_000)
+        page.locator("#image-in button[aria-label='Remove Image']").first.click()
+
         # Ground: a synthetic scene and a long prompt (44 tokens), run, boxes
         page.locator("#image-in input[type=file]").set_input_files(str(scene))
         page.locator("#image-in img").first.wait_for(timeout=20_000)

@@ -16,6 +16,7 @@ from glip.draw import phrase_styles
 
 from .. import render
 from ..core import Core, friendly, gpu, named, outputs
+from ..examples import example_picker
 from ..limits import MAX_PHRASES, MAX_PROMPT_CHARS
 from ..state import GroundRequest
 
@@ -230,9 +231,10 @@ class GroundTab:
                         c["prec_in"] = gr.Radio(["fp32", "fp16", "bf16"], value="fp32", label="Precision (GPU only)",
                                                 interactive=core.cuda, visible=core.cuda)
                     c["run_btn"] = gr.Button("Ground", variant="primary", elem_id="run-btn")
-                    gr.Examples(core.examples, inputs=[c["image_in"], c["prompt_in"]],
-                                label="Synthetic scenes (click one)", examples_per_page=6,
-                                api_visibility="private")
+                    c["examples"] = example_picker(core.examples, [c["image_in"], c["prompt_in"]],
+                                                   "Synthetic scenes (click one)", elem_id="ground-examples",
+                                                   headers=["Image", "Prompt"], api_visibility="private",
+                                                   concurrency_id="light")
                 with gr.Column(scale=6):
                     gr.Markdown("**Boxes** (coloured by phrase; line style tells phrases of the same colour apart)")
                     c["image_out"] = gr.Image(show_label=False, type="pil", interactive=False, elem_id="image-out",

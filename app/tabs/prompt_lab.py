@@ -12,6 +12,7 @@ from glip import explain
 
 from .. import render
 from ..core import Core, friendly, gpu, named, outputs
+from ..examples import example_picker
 
 
 @dataclass
@@ -86,8 +87,10 @@ class PromptLabTab:
                                                  label="Score threshold")
                     c["lab_btn"] = gr.Button("Compare prompts", variant="primary")
                     c["lab_note"] = gr.Markdown(elem_classes=["glip-note"])
-            gr.Examples([[e[0]] for e in self.core.examples[:4]], inputs=[c["lab_image"]], label="Synthetic scenes",
-                        api_visibility="private")
+            c["examples"] = example_picker([[e[0]] for e in self.core.examples[:4]], [c["lab_image"]],
+                                           "Synthetic scenes (click one)", elem_id="lab-examples",
+                                           api_visibility="private",
+                                           concurrency_id="light")
             with gr.Row():
                 with gr.Column():
                     gr.Markdown("**Prompt A**")
