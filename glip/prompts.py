@@ -165,6 +165,9 @@ class Prompt:
 def _check_not_empty(text: str) -> None:
     if text is None or not text.strip():
         raise PromptError("The prompt is empty: type what to detect, e.g. 'person . dog' or 'a man riding a horse'.")
+    if not re.search(r"\w", text):  # separators, punctuation or emoji only: nothing a phrase could name
+        raise PromptError(f"The prompt has no word in it ({text.strip()[:40]!r}): type what to detect, "
+                          "e.g. 'person . dog' or 'a man riding a horse'.")
 
 
 def clean_category_name(name: str) -> str:

@@ -65,7 +65,8 @@ class GroundingResult:
         )
 
     def to_json(self) -> list[dict]:
-        """The public API format: [{"box": [x1,y1,x2,y2], "score", "phrase", "span": [start, end]}]."""
+        """The public API format: [{"box": [x1,y1,x2,y2], "score", "phrase", "span": [start, end]}]; `span` indexes
+        `prompt.caption`, the prompt as the model read it (a category list laid out as the official demo does)."""
         out = []
         for i in range(len(self)):
             b, e = self.spans(i)[0]

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -210,7 +211,22 @@ def test_boxes_prompt_table_legend_and_bars_share_one_style_per_phrase(tabs, cor
     for j in range(len(labels)):
         assert {cols[i] for i in phrase_tokens(res.prompt, res.tokens, j)} == {styles[j].color}
     assert cols[0] == render.GRAY and v.bars_out is not None and len(v.heat_out) == 1 + 5
-    assert "boxes above" in v.status_out or "best box" in v.status_out
+    assert re.search(r"box(es)? above", v.status_out) or "best box" in v.status_out
+
+
+def test_a_run_without_boxes_clears_the_chart_and_the_status_counts_what_is_drawn(tabs, scene):
+    s, path = scene
+    g = tabs["ground"]
+    prompt = " . ".join(dict.fromkeys(o.category for o in s.objs))
+    assert _ground(g, path, prompt, thr=0.0).bars_out is not None
+    none = _ground(g, path, prompt, thr=1.0)
+    assert none.bars_out == gr.update(value=None)  # sent: the previous run's chart is cleared, not kept
+    assert "showing 0 boxes" in none.status_out
+    many = _ground(g, path, prompt, thr=0.0, nms=1.0, max_boxes=300)
+    n = int(re.search(r"of the (\d+) boxes", many.status_out).group(1))
+    assert n > render.MAX_SHOWN_BOXES and f"showing {render.MAX_SHOWN_BOXES} of the {n} boxes" in many.status_out
+    one = _ground(g, path, prompt, thr=0.0, max_boxes=1)
+    assert "showing 1 box above" in one.status_out
 
 
 def test_crowded_prompts_show_the_best_box_per_phrase_by_default(tabs, core, scene):
@@ -555,16 +571,17 @@ def test_ground_json_api(client, scene, core):
 
     s, path = scene
     cats = list(dict.fromkeys(o.category for o in s.objs))
-    prompt = " . ".join(cats)
+    prompt = ". ".join(cats)  # re-laid out by the model ("a . b . "): the spans index the caption it read
     out = client.predict(handle_file(path), prompt, STUDENT, 0.0, api_name="/ground_json")
     assert out["model"] == STUDENT and out["image_size"] == list(s.image.size)
+    assert out["caption"] == " . ".join(cats) + " . "
     dets = out["detections"]
     assert dets
     for d in dets:
         assert set(d) == {"box", "score", "phrase", "span"}
         x1, y1, x2, y2 = d["box"]
         assert x1 <= x2 and y1 <= y2 and 0.0 <= d["score"] <= 1.0
-        assert d["phrase"] in cats and prompt[d["span"][0]:d["span"][1]] == d["phrase"]
+        assert d["phrase"] in cats and out["caption"][d["span"][0]:d["span"][1]] == d["phrase"]
     assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/ground_json"]
     if not core.manager.is_fallback(STUDENT):  # the trained student must find the named objects
         from glip.explain import _iou

@@ -206,6 +206,16 @@ def test_empty_prompts_raise(bad):
         from_caption(bad)
 
 
+@pytest.mark.parametrize("bad", [" . . . ", "...", ";;", "🙂🙂🙂", "- . -"])
+def test_prompts_without_a_word_raise(bad):
+    for mode in ("auto", "categories", "caption"):
+        with pytest.raises(PromptError, match="no word"):
+            parse_prompt(bad, mode=mode)
+    with pytest.raises(PromptError, match="no word"):
+        from_caption(bad)
+    assert parse_prompt("a 🙂 . 猫").phrases  # one word is enough
+
+
 def test_other_errors():
     with pytest.raises(PromptError):
         from_categories([])
@@ -213,7 +223,7 @@ def test_other_errors():
         from_categories(["cat", "  "])
     with pytest.raises(PromptError, match="#1"):
         from_categories(["(food)"], style="eval")
-    with pytest.raises(PromptError, match="Nothing to ground"):
+    with pytest.raises(PromptError, match="no word"):
         from_caption("\u200b")
     with pytest.raises(PromptError, match="outside"):
         from_caption("a cat", spans=[[(2, 9)]])

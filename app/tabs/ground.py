@@ -26,6 +26,10 @@ CROWDED = 12            # "auto" shows the best box per phrase above this many b
 TABLE_HEADERS = ["#", "phrase", "score", "x1", "y1", "x2", "y2"]
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 @dataclass
 class GroundView:
     image_out: Any = None
@@ -82,20 +86,26 @@ class GroundTab:
         counts = [int((res.phrase_ids == j).sum()) for j in range(len(res.prompt.phrases))]
         view = GroundView(image_out=annotated, prompt_out=gr.HighlightedText(value=segs, color_map=cmap),
                           legend_out=render.legend_html(res.prompt.phrases, counts), table_out=self.table(res),
-                          files_out=[str(png), str(js)], bars_out=self.box_bars(res, 0) if len(res) else None,
+                          files_out=[str(png), str(js)],
+                          bars_out=self.box_bars(res, 0) if len(res) else gr.update(value=None),  # no stale chart
                           state=req)
         if heat:
             choices = self.token_choices(res)
             view.heat_pick = gr.Dropdown(choices=choices, value=choices[0] if choices else None)
             view.heat_out = self.heat_gallery(model, res, im, ("phrase", 0)) if res.prompt.phrases else []
         st = model.predictor.stats
-        shown = (f"the best box of each phrase ({len(full)} above the threshold: pick 'all boxes' to see them)"
-                 if best and len(full) > len(res) else f"{len(res)} boxes")
+        if best and len(full) > len(res):
+            shown = f"the best box of each phrase ({len(full)} above the threshold: pick 'all boxes' to see them)"
+        elif len(res) > render.MAX_SHOWN_BOXES:
+            shown = (f"{render.MAX_SHOWN_BOXES} of the {len(res)} boxes (the image and the table show at most "
+                     f"{render.MAX_SHOWN_BOXES})")
+        else:
+            shown = _count(len(res), "box", "boxes")
         ran = f"`{req.ran}`" + (f" (you picked `{req.model}`)" if req.ran != req.model else "")
         size = self.core.input_size(model, req.min_size)[0] or model.config.min_size_test
-        view.status_out = (f"{ran}: showing {shown} above {req.threshold:.2f} · {len(res.prompt.phrases)} phrases · "
-                           f"input {size} px · "
-                           f"{len(res.tokens)} tokens · {ms:.0f} ms · network runs so far: image {st['image_runs']}, "
+        view.status_out = (f"{ran}: showing {shown} above {req.threshold:.2f} · "
+                           f"{_count(len(res.prompt.phrases), 'phrase', 'phrases')} · input {size} px · "
+                           f"{_count(len(res.tokens), 'token', 'tokens')} · {ms:.0f} ms · network runs so far: image {st['image_runs']}, "
                            f"text {st['text_runs']}, fusion+head {st['head_runs']}"
                            + (" · *fallback model (random weights)*" if self.core.manager.is_fallback(req.ran) else ""))
         view.note_out = "\n\n".join(x for x in (note, self.core.framing(req.ran, req.image)) if x)
@@ -193,11 +203,13 @@ class GroundTab:
         return GroundView(note_out="\n\n".join(lines + ([framing] if framing else [])))
 
     def ground_json(self, image, prompt, model_name, threshold):
-        """Public API: (image, prompt, model, threshold) → {"model", "image_size", "detections"}."""
+        """Public API: (image, prompt, model, threshold) → {"model", "image_size", "caption", "detections"}; each
+        detection's `span` indexes `caption`, the prompt as the model read it."""
         req = self.core.request(image, prompt, "auto", None, model_name, 0.5 if threshold is None else threshold, None)
         model = self.core.manager.get(req.model)  # the model asked for, or a clear error (never a silent substitute)
         _, res = self.core.predict(req, model=model)
-        return {"model": req.model, "image_size": [int(v) for v in res.image_size], "detections": res.to_json()}
+        return {"model": req.model, "image_size": [int(v) for v in res.image_size], "caption": res.prompt.caption,
+                "detections": res.to_json()}
 
     # --- layout and wiring --------------------------------------------------------------------------------------
     def build(self, choices: list[str], default: str, low_thresholds: bool):
