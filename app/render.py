@@ -112,14 +112,16 @@ def plain_boxes(image, boxes, labels: list[str], styles: list[PhraseStyle], sour
 
 
 def heat_overlay(image: Image.Image, heat, alpha: float = 0.6, cmap: str = "inferno", normalize: bool = True,
-                 box=None) -> Image.Image:
-    """A (H, W) map as a colour overlay on the image (resized to the image if needed)."""
+                 box=None, scale: tuple[float, float] | None = None) -> Image.Image:
+    """A (H, W) map as a colour overlay on the image (resized to the image if needed). `scale` (lo, hi): the
+    values drawn as the colour map's ends, shared by maps shown side by side; else `normalize` stretches this map
+    alone to its own min..max."""
     im = image.convert("RGB")
     h = np.asarray(heat, dtype=np.float32)
     if h.shape != (im.height, im.width):
         h = np.asarray(Image.fromarray(h).resize(im.size, Image.BILINEAR))
-    if normalize:
-        lo, hi = float(np.nanmin(h)), float(np.nanmax(h))
+    if scale is not None or normalize:
+        lo, hi = scale if scale is not None else (float(np.nanmin(h)), float(np.nanmax(h)))
         h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
     rgba = colormaps[cmap](np.clip(np.nan_to_num(h), 0, 1))[..., :3]
     base = np.asarray(im, dtype=np.float32) / 255.0
@@ -269,13 +271,16 @@ def sharpness_plot(values: list[float], labels: list[str], title: str):
 
 
 def phrase_compare_plot(names: list[str], a: list[float], b: list[float], label_a: str, label_b: str, title: str,
-                        colors: list[str] | None = None):
+                        colors: list[str] | None = None, colors_b: list[str] | None = None):
+    """Paired bars per name: `a` plain, `b` hatched; `colors` (default: by name) colour the a bars and, unless
+    `colors_b` is given (two prompts, each with its own phrase colours), the b bars too."""
     n = len(names)
     colors = colors or [s.color for s in phrase_styles(names)]
+    colors_b = colors_b or colors
     fig, ax = plt.subplots(figsize=(max(6.0, min(14.0, 0.9 * n + 3)), 3.4), dpi=100)
     x = np.arange(n)
     ax.bar(x - 0.2, a, width=0.4, label=label_a, color=colors, alpha=0.55, edgecolor="#333")
-    ax.bar(x + 0.2, b, width=0.4, label=label_b, color=colors, edgecolor="#333", hatch="..")
+    ax.bar(x + 0.2, b, width=0.4, label=label_b, color=colors_b, edgecolor="#333", hatch="..")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20, fontsize=9, ha="right")
     ax.set_ylim(0, 1)

@@ -105,11 +105,12 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
                                                           ground.c["model_in"], ground.c["thr_in"]],
                       api_json, api_name="ground_json", concurrency_id="model")
 
-        def tick():
+        def tick(teacher, student):
             busy = any(mm.status(n).busy for n in mm.menu)
-            return status_lines(mm), models_table(mm), gr.Timer(active=busy)
+            return status_lines(mm), models_table(mm), ts.pair_note(teacher, student), gr.Timer(active=busy)
 
-        timer.tick(tick, None, [status, table, timer], show_progress="hidden", concurrency_id="light", **PRIVATE)
+        timer.tick(tick, [t["teacher_in"], t["student_in"]], [status, table, t["preset_note"], timer],
+                   show_progress="hidden", concurrency_id="light", **PRIVATE)
         for ev in picks:
             ev.then(lambda: gr.Timer(active=True), None, [timer], show_progress="hidden", concurrency_id="light",
                     **PRIVATE)

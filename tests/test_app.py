@@ -214,6 +214,41 @@ def test_boxes_prompt_table_legend_and_bars_share_one_style_per_phrase(tabs, cor
     assert re.search(r"box(es)? above", v.status_out) or "best box" in v.status_out
 
 
+def test_prompt_lab_bars_take_each_prompts_phrase_colours(tabs, scene):
+    from matplotlib.colors import to_hex
+
+    from glip.draw import phrase_styles
+
+    s, path = scene
+    pa, pb = "heart . circle", "big yellow heart . round circle"
+    v = tabs["lab"].compare(path, pa, pb, STUDENT, 0.0)
+    ax = v.lab_plot.axes[0]
+    bars_a, bars_b = ax.containers[0], ax.containers[1]
+    from glip import parse_prompt
+
+    want_a, want_b = ([st.color for st in phrase_styles(parse_prompt(p).phrases)] for p in (pa, pb))
+    assert want_a[0] != want_b[0]  # "yellow" colours B's first phrase, A's is the palette's
+    assert [to_hex(b.get_facecolor()[:3]) for b in bars_a] == want_a
+    assert [to_hex(b.get_facecolor()[:3]) for b in bars_b] == want_b
+
+
+def test_heat_tiles_share_one_colour_scale(tabs, scene):
+    s, path = scene
+    g = tabs["ground"]
+    prompt = " . ".join(dict.fromkeys(o.category for o in s.objs))
+    v = _ground(g, path, prompt, thr=0.0)
+    maxes = [float(re.search(r"max (\d\.\d\d)", cap).group(1)) for _, cap in v.heat_out]
+    top = max(maxes)
+    assert f"0–{top:.2f}" in v.heat_out[0][1]
+    im = Image.new("RGB", (64, 64), (128, 128, 128))
+    flat = np.asarray(render.heat_overlay(im, np.zeros((64, 64)), scale=(0, top)), dtype=float)
+    faint = np.zeros((64, 64))
+    faint[10:20, 10:20] = top / 100  # a level that scores 1% of the best: barely visible, not a hot spot
+    shared = np.asarray(render.heat_overlay(im, faint, scale=(0, top)), dtype=float)
+    alone = np.asarray(render.heat_overlay(im, faint), dtype=float)
+    assert np.abs(shared - flat).max() < 6 < np.abs(alone - flat).max()
+
+
 def test_a_run_without_boxes_clears_the_chart_and_the_status_counts_what_is_drawn(tabs, scene):
     s, path = scene
     g = tabs["ground"]
@@ -624,6 +659,33 @@ def test_every_event_runs_through_the_queue_and_examples_fill_their_inputs(demo,
         [fn] = [fn for fn in demo.fns.values() if fn.inputs == [table]]
         assert fn.outputs == [tab.c[k] for k in inputs] and fn.queue is not False
         assert fn.fn(1) == want
+
+
+def test_no_event_writes_an_input_it_reads(demo):
+    """An event that fails marks its outputs with an error badge that blocks clicks: inputs must not be among them
+    (gr.State carries a run's request from one event to the next and is no input a user touches)."""
+    for fn in demo.fns.values():
+        both = [c for c in fn.inputs if c in fn.outputs and not isinstance(c, gr.State)]
+        assert both == [], (fn.name, [getattr(c, "label", c) for c in both])
+
+
+def test_the_pair_note_follows_a_release_that_fails_to_load(tabs, demo):
+    ts = tabs["teacher"]
+    mm = ts.core.manager
+    teacher, student = ("GLIP-T (C)", "GLIP-T")
+    if teacher not in mm.menu:
+        pytest.skip("no released models in this menu")
+    view = ts.on_preset(next(k for k, v in app_pkg.tabs.teacher_student.PRESETS.items() if v == (teacher, student)))
+    assert (view.teacher_in, view.student_in) == (teacher, student)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(mm.status(n).busy for n in (teacher, student)):
+        time.sleep(0.1)
+    note = ts.pair_note(teacher, student)
+    assert "is loading" not in note and note.count("could not be loaded") == 2, note
+    # the page's timer refreshes that note while a model is busy
+    [tick] = [fn for fn in demo.fns.values() if ts.c["preset_note"] in fn.outputs and ts.c["teacher_in"] in fn.inputs
+              and ts.c["student_in"] in fn.inputs and len(fn.outputs) > 1]
+    assert tick.fn(teacher, student)[2] == note
 
 
 def test_queue_bypass_and_private_callbacks_are_refused(server):

@@ -13,7 +13,7 @@ from glip import explain
 from glip.draw import phrase_styles
 
 from .. import render
-from ..core import Core, friendly, gpu, named, outputs, user_error
+from ..core import Core, friendly, gpu, named, user_error
 from ..state import GroundRequest
 from .ground import GroundTab
 
@@ -245,18 +245,25 @@ class FusionTab:
 
     def wire(self, state, priv: dict):
         c = self.c
-        outs = outputs(FusionView, c)
+
+        def outs(*names):  # each event writes only what it sets: an error badge never covers a menu it reads
+            return [c[k] for k in names]
+
+        setup_out = outs("tok_pick", "layer_pick", "head_pick", "box_pick", "fusion_info")
+        t2i_out = outs("t2i_out", "strip_out", "sharp_out", "t2i_note")
+        i2t_out = outs("click_img", "i2t_mat", "i2t_bars")
         t2i = friendly(named(self.text_to_image, c))
         i2t = friendly(named(self.image_to_text, c))
         t2i_in = [state, c["tok_pick"], c["layer_pick"], c["head_pick"], c["combine_pick"]]
         i2t_in = [state, c["box_pick"], c["head_pick"], c["layer_pick"]]
-        (c["fusion_btn"].click(gpu(friendly(named(self.setup, c))), [state], outs, concurrency_id="model", **priv)
-         .success(t2i, t2i_in, outs, concurrency_id="model", **priv)
-         .success(i2t, i2t_in, outs, concurrency_id="model", **priv))
+        (c["fusion_btn"].click(gpu(friendly(named(self.setup, c))), [state], setup_out, concurrency_id="model", **priv)
+         .success(t2i, t2i_in, t2i_out, concurrency_id="model", **priv)
+         .success(i2t, i2t_in, i2t_out, concurrency_id="model", **priv))
         for k in ("tok_pick", "layer_pick", "head_pick", "combine_pick"):
-            c[k].input(t2i, t2i_in, outs, concurrency_id="model", **priv)
+            c[k].input(t2i, t2i_in, t2i_out, concurrency_id="model", **priv)
         for k in ("box_pick", "head_pick", "layer_pick"):
-            c[k].input(i2t, i2t_in, outs, concurrency_id="model", **priv)
-        c["click_img"].select(friendly(named(self.on_click, c)), [state, c["head_pick"], c["layer_pick"]], outs,
+            c[k].input(i2t, i2t_in, i2t_out, concurrency_id="model", **priv)
+        c["click_img"].select(friendly(named(self.on_click, c)), [state, c["head_pick"], c["layer_pick"]], i2t_out,
                               concurrency_id="model", **priv)
-        c["abl_btn"].click(gpu(friendly(named(self.ablation, c))), [state], outs, concurrency_id="model", **priv)
+        c["abl_btn"].click(gpu(friendly(named(self.ablation, c))), [state],
+                           outs("abl_on", "abl_off", "abl_df", "abl_plot", "abl_note"), concurrency_id="model", **priv)

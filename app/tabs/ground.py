@@ -154,11 +154,16 @@ class GroundTab:
         else:
             levels, comb = model.predictor.token_heatmaps(res, token_ids=[k], size=im.size)
             name = res.tokens[k].text
-        out = [(render.heat_overlay(im, comb.numpy()), f"'{name}': levels combined (max {float(comb.max()):.2f})")]
+        # one colour scale for every tile, 0 to the highest score on any level: a level that scores nothing stays
+        # dark instead of being stretched into hot spots
+        scale = (0.0, max([float(comb.max())] + [float(m.max()) for m in levels]))
+        out = [(render.heat_overlay(im, comb.numpy(), scale=scale),
+                f"'{name}': combined, max {float(comb.max()):.2f} · all tiles 0–{scale[1]:.2f}")]
         hw, strides = res.states[0].hw, model.config.anchor_strides
         for lv, m in enumerate(levels):
             up = explain.upsample(m, strides[lv], hw, im.size, mode="nearest")
-            out.append((render.heat_overlay(im, up.numpy()), f"P{lv + 3}: {m.shape[0]}×{m.shape[1]}, max {float(m.max()):.2f}"))
+            out.append((render.heat_overlay(im, up.numpy(), scale=scale),
+                        f"P{lv + 3}: {m.shape[0]}×{m.shape[1]}, max {float(m.max()):.2f}"))
         return out
 
     def on_row_select(self, req: GroundRequest | None, evt: gr.SelectData):
@@ -281,8 +286,8 @@ class GroundTab:
         c["show_in"].input(rethr, [c["state"], c["thr_in"], c["nms_in"], c["max_in"], c["show_in"]], outs,
                            show_progress="hidden", concurrency_id="model", **priv)
         c["table_out"].select(friendly(named(self.on_row_select, c)), [c["state"]], outs, concurrency_id="model", **priv)
-        c["heat_pick"].input(friendly(named(self.on_token_pick, c)), [c["state"], c["heat_pick"]], outs,
-                             concurrency_id="model", **priv)
+        c["heat_pick"].input(friendly(named(self.on_token_pick, c)), [c["state"], c["heat_pick"]], [c["heat_out"]],
+                             concurrency_id="model", **priv)  # writes the maps only: never the menu it reads
         c["prompt_out"].select(friendly(named(self.on_prompt_select, c)), [c["state"]], outs, concurrency_id="model",
                                **priv)
         return c["model_in"].input(friendly(named(self.on_model_pick, c)), [c["model_in"], c["image_in"]], outs,

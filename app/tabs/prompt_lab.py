@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from glip import explain
+from glip.draw import phrase_styles
 
 from .. import render
 from ..core import Core, friendly, gpu, named, outputs
@@ -51,7 +52,9 @@ class PromptLabTab:
                          "phrase B": nb[j] if j < len(nb) else "", "best B": round(sb, 3), "Δ (B − A)": round(sb - sa, 3)})
         m = min(len(na), len(nb))
         fig = render.phrase_compare_plot([f"{x} | {y}" for x, y in zip(na[:m], nb[:m])], a[:m].tolist(), b[:m].tolist(),
-                                         "prompt A", "prompt B", "Best score per phrase: A vs B (paired by position)")
+                                         "prompt A", "prompt B", "Best score per phrase: A vs B (paired by position)",
+                                         colors=[st.color for st in phrase_styles(ra.prompt.phrases)][:m],
+                                         colors_b=[st.color for st in phrase_styles(rb.prompt.phrases)][:m])
         sa_segs, sa_map = render.highlighted_prompt(ra.prompt)
         sb_segs, sb_map = render.highlighted_prompt(rb.prompt)
         note = "\n\n".join(x for x in (f"`{r.name}` ran.", r.note, self.core.framing(r.name, str(image))) if x)

@@ -19,7 +19,7 @@ from glip.label import LabelSettings, label_pair
 from glip.prompts import from_caption
 
 from .. import render
-from ..core import Core, friendly, gpu, named, outputs, user_error
+from ..core import Core, friendly, gpu, named, user_error
 from ..models import STUDENT, TEACHER
 from ..state import WebSample
 
@@ -68,6 +68,10 @@ class CompareView:
     metrics_plot: Any = None
 
 
+# what a comparison writes: the result panels only, never the inputs it reads
+COMPARE_OUT = ("ts_text", "gt_out", "teacher_out", "student_out", "ts_summary", "ts_df", "diff_df", "diff_plot")
+
+
 class TeacherStudentTab:
     def __init__(self, core: Core):
         self.core = core
@@ -89,29 +93,33 @@ class TeacherStudentTab:
         return CompareView(index_in=int(index), ts_image=str(path), ts_caption=s.caption,
                            sample=WebSample("web", int(index), int(seed), s.caption, digest))
 
+    def load_sample(self, seed, index) -> CompareView:
+        """The sample at the typed index (the index box is read, not rewritten)."""
+        return dataclasses.replace(self.pick_sample(seed, index), index_in=None)
+
     def on_gallery_pick(self, seed, evt: gr.SelectData):
         return self.pick_sample(seed, int(evt.index))
 
     def new_sample(self, seed):
         return self.pick_sample(seed, random.randrange(0, 10_000))
 
+    def pair_note(self, teacher, student) -> str:
+        """What the note under the pickers says: the state of each picked model that is not ready."""
+        mm = self.core.manager
+        return "\n\n".join(mm.describe(n) for n in dict.fromkeys((teacher, student))
+                            if n in mm.menu and mm.status(n).state != "ready")
+
     def on_preset(self, preset):
         teacher, student = PRESETS[preset]
-        notes = []
         for name in (teacher, student):
             self.core.manager.start(name)
-            if self.core.manager.status(name).state != "ready":
-                notes.append(self.core.manager.describe(name))
-        return CompareView(teacher_in=teacher, student_in=student, preset_note="\n\n".join(notes))
+        return CompareView(teacher_in=teacher, student_in=student, preset_note=self.pair_note(teacher, student))
 
     def on_pick(self, teacher, student):
-        notes = []
         for name in (teacher, student):
             if name in self.core.manager.menu:
                 self.core.manager.start(name)
-                if self.core.manager.status(name).state != "ready":
-                    notes.append(self.core.manager.describe(name))
-        return CompareView(preset_note="\n\n".join(notes))
+        return CompareView(preset_note=self.pair_note(teacher, student))
 
     # --- the comparison --------------------------------------------------------------------------------------------
     def compare(self, image, caption, sample: WebSample | None, teacher_name, student_name, t_thr, s_thr, iou,
@@ -270,22 +278,32 @@ class TeacherStudentTab:
 
     def wire(self, priv: dict, demo: gr.Blocks):
         c = self.c
-        outs = outputs(CompareView, c)
+
+        def outs(*names):  # each event writes only what it sets: an error badge never covers an input it reads
+            return [c[k] for k in names]
+
+        sample_out = outs("index_in", "ts_image", "ts_caption", "sample")
         sample_in = [c["seed_in"]]
-        c["gallery"].select(friendly(named(self.on_gallery_pick, c)), sample_in, outs, concurrency_id="light", **priv)
-        c["new_btn"].click(friendly(named(self.new_sample, c)), sample_in, outs, concurrency_id="light", **priv)
-        c["load_btn"].click(friendly(named(self.pick_sample, c)), [c["seed_in"], c["index_in"]], outs,
+        c["gallery"].select(friendly(named(self.on_gallery_pick, c)), sample_in, sample_out, concurrency_id="light",
+                            **priv)
+        c["new_btn"].click(friendly(named(self.new_sample, c)), sample_in, sample_out + outs("gallery"),
+                           concurrency_id="light", **priv)
+        typed_out = outs("ts_image", "ts_caption", "sample")
+        c["load_btn"].click(friendly(named(self.load_sample, c)), [c["seed_in"], c["index_in"]], typed_out,
                             concurrency_id="light", **priv)
-        c["seed_in"].submit(friendly(named(self.web_gallery, c)), sample_in, outs, concurrency_id="light", **priv)
+        c["seed_in"].submit(friendly(named(self.web_gallery, c)), sample_in, outs("gallery"), concurrency_id="light",
+                            **priv)
         c["cmp_btn"].click(gpu(friendly(named(self.compare, c))),
                            [c[k] for k in ("ts_image", "ts_caption", "sample", "teacher_in", "student_in", "t_thr",
-                                           "s_thr", "m_iou", "best_in")], outs, concurrency_id="model", **priv)
-        demo.load(friendly(named(self.metrics, c)), None, outs, concurrency_id="light", **priv)
-        demo.load(friendly(named(self.pick_sample, c)), [c["seed_in"], c["index_in"]], outs, concurrency_id="light",
+                                           "s_thr", "m_iou", "best_in")], outs(*COMPARE_OUT), concurrency_id="model",
+                           **priv)
+        demo.load(friendly(named(self.metrics, c)), None, outs("metrics_plot", "metrics_note"), concurrency_id="light",
                   **priv)
-        picked = [c["preset_in"].input(friendly(named(self.on_preset, c)), [c["preset_in"]], outs,
-                                       concurrency_id="light", **priv)]
+        demo.load(friendly(named(self.load_sample, c)), [c["seed_in"], c["index_in"]], typed_out,
+                  concurrency_id="light", **priv)
+        picked = [c["preset_in"].input(friendly(named(self.on_preset, c)), [c["preset_in"]],
+                                       outs("teacher_in", "student_in", "preset_note"), concurrency_id="light", **priv)]
         for k in ("teacher_in", "student_in"):
-            picked.append(c[k].input(friendly(named(self.on_pick, c)), [c["teacher_in"], c["student_in"]], outs,
-                                     concurrency_id="light", **priv))
+            picked.append(c[k].input(friendly(named(self.on_pick, c)), [c["teacher_in"], c["student_in"]],
+                                     outs("preset_note"), concurrency_id="light", **priv))
         return picked
