@@ -21,14 +21,22 @@ def _threads(n) -> None:
 
 def cmd_label(a) -> int:
     from glip.datasets import open_dataset
-    from glip.label import LabelSettings, check_writable, format_summary, label, parse_shard, resolve_score_words
+    from glip.label import (
+        LabelSettings,
+        check_labelable,
+        check_writable,
+        format_summary,
+        label,
+        parse_shard,
+        resolve_score_words,
+    )
 
     settings = LabelSettings(threshold=a.threshold, batch_size=a.batch_size,
                              max_per_phrase=a.max_per_phrase or None,
                              score_words=resolve_score_words(a.score_words, a.model), precision=a.precision).validate()
     shard = parse_shard(a.shard)
     check_writable(a.out)               # an unwritable --out fails before the model is loaded
-    ds = open_dataset(a.data)           # so does a bad spec or a missing file
+    ds = check_labelable(open_dataset(a.data))  # so do a bad spec, a missing file and data without captions
     if a.engine == "ray":               # the same labelling on a Ray cluster
         from glip.label_ray import label_from_args
 

@@ -93,28 +93,32 @@ def category_prompts(categories: list[Category], chunk_size: int | None = None, 
 
 def coco_metrics(gt: dict, detections: list[dict]) -> dict:
     """COCO bbox metrics with pycocotools: AP, AP50, AP75, APs, APm, APl, AR100 and each category's AP
-    (averaged over IoU 0.5:0.95, all areas, 100 detections; None for a category without ground truth).
+    (averaged over IoU 0.5:0.95, all areas, 100 detections). A metric without ground truth to score
+    against — APs when no box is small, a category that no box has — is None, not 0.
     `gt`: a COCO instances dict; `detections`: [{image_id, category_id, bbox (xywh), score}]."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     names = {c["id"]: c["name"] for c in gt["categories"]}
-    out = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0, "AR100": 0.0,
-           "n_images": len(gt["images"]), "n_detections": len(detections),
-           "per_category": {n: None for n in names.values()}}
-    if not detections:
-        return out
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(detections)
+        if detections:
+            coco_dt = coco_gt.loadRes(detections)
+        else:  # loadRes cannot take an empty list; no detections still scores 0 where there is ground truth
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+            coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    out = {}
     for k, key in zip((0, 1, 2, 3, 4, 5, 8), ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")):
-        out[key] = float(max(ev.stats[k], 0.0))
+        out[key] = float(ev.stats[k]) if ev.stats[k] >= 0 else None  # pycocotools' -1: no ground truth there
+    out.update(n_images=len(gt["images"]), n_detections=len(detections),
+               per_category={n: None for n in names.values()})
     precision = ev.eval["precision"]  # (iou, recall, category, area, max dets)
     for k, cid in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]
@@ -127,10 +131,12 @@ def evaluate_detection(model, data="test_det", *, n: int = 200, seed: int = 1, b
                        progress: bool = True, chunk_size: int | None = None, precision: str = "fp32") -> dict:
     """COCO metrics of `model` on a detection dataset (spec, Dataset or world split name)."""
     ds = resolve(data, n, seed)
-    if not ds.categories:
+    if not ds.categories and ds.task != "detection":
         raise DataError(f"{ds.spec}: detection evaluation needs a dataset with categories (COCO, ODVG detection, "
                         f"world detection splits); this one is {ds.task}")
     records = list(strict(ds))
+    if not any(r.regions for r in records):  # every AP would be pycocotools' "no ground truth", not a score
+        raise DataError(f"{ds.spec}: no annotations to evaluate against")
     prompts = category_prompts(list(ds.categories), chunk_size, model.config.max_query_len)
     gt = coco_dict(records, ds.categories)
     dets = []
@@ -250,7 +256,7 @@ def evaluate_grounding(model, data="test_ground", *, n: int = 200, seed: int = 1
 def evaluate_dataset(model, data, task: str = "auto", **kw) -> dict:
     """Detection or grounding metrics, chosen from the dataset (`task="auto"`) or forced."""
     ds = open_dataset(data)
-    task = ("detection" if ds.categories else "grounding") if task == "auto" else task
+    task = ("detection" if ds.categories or ds.task == "detection" else "grounding") if task == "auto" else task
     if task == "detection":
         kw.pop("ks", None), kw.pop("protocol", None)
         return {"task": "detection", **evaluate_detection(model, ds, **kw)}
@@ -276,14 +282,14 @@ def evaluate(model, split: str = "all", n: int = 200, seed: int = 1, batch_size:
 
 
 def format_table(metrics: dict) -> str:
-    """One line per evaluated dataset."""
+    """One line per evaluated dataset; "n/a" for a metric without ground truth (see `coco_metrics`)."""
     rows = []
     for name, m in metrics.items():
         if "AP" in m:
             keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
         else:
             keys = tuple(k for k in m if k.startswith("R@"))
-        rows.append(f"{name:12s} " + "  ".join(f"{k}={m[k]:.3f}" for k in keys)
+        rows.append(f"{name:12s} " + "  ".join(f"{k}={'n/a' if m[k] is None else f'{m[k]:.3f}'}" for k in keys)
                     + f"  (n={m.get('n_images')}, {m.get('seconds')} s)")
     return "\n".join(rows)
 

@@ -51,9 +51,10 @@ import torch
 
 from glip.datasets import Dataset, Record, Shard, open_dataset
 from glip.datasets.records import decode_image
-from glip.datasets.writers import atomic_write_bytes, atomic_write_text, jsonl_bytes
-from glip.errors import ConfigError, GLIPError, ImageError, PromptError
+from glip.datasets.writers import atomic_write_bytes, atomic_write_text, check_writable, jsonl_bytes
+from glip.errors import ConfigError, DataError, GLIPError, ImageError, PromptError
 from glip.prompts import Prompt, from_caption, noun_phrases
+from glip.runtime import check_precision
 
 ARTICLES = frozenset({"a", "an", "the"})
 RECORDS_PER_SHARD = 1000
@@ -402,18 +403,6 @@ def write_shard(out_dir: str | Path, name: str, result: ShardResult) -> dict:
     return {"name": name, "file": f"shards/{name}.jsonl", **result.stats(), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def check_writable(out_dir: str | Path) -> Path:
-    """Create `out_dir` and prove a file can be written and renamed there (ConfigError otherwise)."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = atomic_write_text(out / ".write-test", "ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the output folder {out} ({e.strerror or e.__class__.__name__})") from None
-    return out
-
-
 class LabelRun:
     """The manifest of a run in `out_dir` (one per `shard=(i, n)` slice)."""
 
@@ -424,6 +413,7 @@ class LabelRun:
 
     def start(self, settings: dict, resume: bool) -> set[str]:
         """Load or create the manifest; the names of the shards already complete (resume only)."""
+        self._check_siblings(settings)
         if self.path.is_file():
             if not resume:
                 raise ConfigError(f"{self.out} already holds a labelling run ({self.path.name}); pass --resume to "
@@ -450,6 +440,27 @@ class LabelRun:
                 done.add(e["name"])
         self.data["shards"] = [e for e in self.data["shards"] if e["name"] in done]
         return done
+
+    def _check_siblings(self, settings: dict) -> None:
+        """The other slices' manifests in the folder: slices of one run share the shard files' folder, so they must
+        split the input the same way (else they label the same shards) and use the same settings."""
+        mine = {k: v for k, v in settings.items() if k != "shard"}
+        for other in sorted(self.out.glob("manifest*.json")):
+            if other == self.path:
+                continue
+            try:
+                theirs = json.loads(other.read_text()).get("settings", {})
+            except (OSError, json.JSONDecodeError, AttributeError):
+                raise ConfigError(f"{other}: not a valid manifest") from None
+            n = (theirs.get("shard") or [0, 1])[1]
+            if n != self.shard[1]:
+                raise ConfigError(f"{self.out} holds a labelling run split {n} way(s) ({other.name}); a slice "
+                                  f"{self.shard[0]}/{self.shard[1]} would write over its shard files: use --shard I/{n} "
+                                  "or choose another --out")
+            if {k: v for k, v in theirs.items() if k != "shard"} != mine:
+                diff = sorted(k for k in set(mine) | set(theirs) if k != "shard" and mine.get(k) != theirs.get(k))
+                raise ConfigError(f"{other}: another slice of this run used other settings ({', '.join(diff)}); "
+                                  "label every slice with the same ones or choose another --out")
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
@@ -549,6 +560,14 @@ class RunPlan:
         return summary
 
 
+def check_labelable(ds: Dataset) -> Dataset:
+    """`ds`, if it has captions to label; DataError for a detection dataset (category names, no captions)."""
+    if getattr(ds, "task", None) == "detection":
+        raise DataError(f"{ds.spec}: labelling needs image–caption pairs, and this is a detection dataset (boxes "
+                        "with category names, no captions): give a folder:, jsonl:, csv: or webdataset: corpus")
+    return ds
+
+
 def plan_run(data: str | Dataset, out: str | Path, settings: LabelSettings | None = None, *,
              shard: tuple[int, int] | str = (0, 1), resume: bool = False, records_per_shard: int = RECORDS_PER_SHARD,
              model_name: str = "", **kw) -> RunPlan:
@@ -563,7 +582,7 @@ def plan_run(data: str | Dataset, out: str | Path, settings: LabelSettings | Non
     if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
         raise ConfigError(f"shard must be (I, N) with 0 <= I < N, got {shard}")
     out = check_writable(out)                       # before any work
-    ds = open_dataset(data)
+    ds = check_labelable(open_dataset(data))
     run = LabelRun(out, shard)
     done = run.start({"model": model_name, "data": ds.spec, "records_per_shard": records_per_shard,
                       "shard": list(shard), **settings.to_json()}, resume)
@@ -577,6 +596,9 @@ def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings |
     """Label a dataset (spec or Dataset) into `out`: see the module docstring. Settings come as a
     `LabelSettings` or as its fields (`threshold=`, `batch_size=`, ...). Returns the summary (also written
     to summary.json): pairs, regions, regions per pair, score histogram, rejects by reason, time."""
+    if hasattr(model, "parameters"):  # a precision the model's device cannot run would reject every pair
+        check_precision(settings.precision if settings is not None else kw.get("precision", "fp32"),
+                        next(model.parameters()).device)
     plan = plan_run(data, out, settings, shard=shard, resume=resume, records_per_shard=records_per_shard,
                     model_name=model_name, **kw)
     settings = plan.settings
@@ -621,6 +643,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARTICLES", "LabelRun", "LabelSettings", "RunPlan", "Prepared", "ShardResult", "check_writable", "format_summary",
+__all__ = ["ARTICLES", "LabelRun", "LabelSettings", "RunPlan", "Prepared", "ShardResult", "check_labelable",
+           "check_writable", "format_summary",
            "known_vocabulary", "known_word_prompt", "label", "label_batch", "label_items", "label_shard",
            "parse_shard", "plan_run", "prepare", "read_vocabulary", "resolve_score_words", "scoring_prompt", "write_shard"]

@@ -118,12 +118,19 @@ def autocast(device: torch.device | str, precision: str | None):
 
     fp16 is CUDA-only: CPU kernels for half matmuls are slow or missing, bf16 is the CPU's reduced precision."""
     device = torch.device(device)
-    dtype = autocast_dtype(precision)
+    dtype = check_precision(precision, device)
     if dtype is None:
         return contextlib.nullcontext()
-    if device.type != "cuda" and dtype == torch.float16:
-        raise ConfigError("fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
     return torch.autocast(device.type, dtype=dtype)
 
 
-__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "fix_heap_threshold", "peak_rss_mb", "resolve_device"]
+def check_precision(precision: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None for fp32); ConfigError where it cannot run. A long job
+    calls it before its first write, so that it stops at once instead of failing every batch."""
+    dtype = autocast_dtype(precision)
+    if dtype == torch.float16 and torch.device(device).type != "cuda":
+        raise ConfigError("fp16 autocast needs a CUDA device; use bf16 or fp32 on CPU")
+    return dtype
+
+
+__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "check_precision", "fix_heap_threshold", "peak_rss_mb", "resolve_device"]

@@ -170,6 +170,27 @@ def test_manifest_columns_and_malformed_lines(tmp_path):
     assert [r.caption for r in open_dataset(f"csv:{tmp_path / 'm.csv'}")] == ["a dog"]
 
 
+def test_jsonl_column_option_that_no_row_has_stops_at_open(tmp_path):
+    """JSONL has no header: the first row is checked as CSV's header is, and later rows are still
+    rejected one by one."""
+    m = tmp_path / "m.jsonl"
+    m.write_text('\n{"image": "im.png", "caption": "a cat"}\n{"image": "im.png"}\n')
+    with pytest.raises(DataError) as e:
+        open_dataset(f"jsonl:{m}?image=path")
+    assert str(e.value) == f"{m}:2: no key 'path' in the first row (keys: image, caption)"
+    with pytest.raises(DataError, match="no key 'text' in the first row"):
+        open_dataset(f"jsonl:{m}?caption=text")
+    with pytest.raises(DataError, match="no key 'id' in the first row"):
+        open_dataset(f"jsonl:{m}?key=id")  # a key column only when asked for
+    recs = list(open_dataset(f"jsonl:{m}"))
+    assert recs[0].error is None and recs[1].error == f"{m}:3: no 'caption' value"
+    # a first row that is not an object says nothing about the keys: it is rejected, not the whole file
+    m.write_text('{oops\n{"image": "im.png", "caption": "a cat"}\n')
+    assert [r.error is None for r in open_dataset(f"jsonl:{m}?image=path")] == [False, False]
+    m.write_text("")
+    assert list(open_dataset(f"jsonl:{m}?image=path")) == []
+
+
 # ---------------------------------------------------------------- gold detection / grounding
 def test_coco_reads_back_the_world_and_cleans_names_in_the_prompt(exports, tmp_path):
     from glip.datasets.coco import coco_dict
@@ -204,6 +225,22 @@ def test_coco_malformed_file_and_annotation(tmp_path):
     a, b = list(open_dataset(f"coco:{tmp_path / 'c.json'}"))
     assert a.error == f"{tmp_path / 'c.json'}: annotation 5: bbox must be 4 numbers [x, y, w, h], got [1, 2, 3]"
     assert "annotation 6: unknown category_id 9" in b.error and b.regions[0].box == (1.0, 2.0, 4.0, 6.0)
+
+
+def test_coco_annotations_without_categories_stop_at_open(tmp_path):
+    images = [{"id": 1, "file_name": "a.png"}]
+    ann = [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}]
+    for name, d in [("none.json", {"images": images, "annotations": ann}),
+                    ("empty.json", {"images": images, "annotations": ann, "categories": []})]:
+        (tmp_path / name).write_text(json.dumps(d))
+        with pytest.raises(DataError) as e:
+            open_dataset(f"coco:{tmp_path / name}")
+        assert str(e.value) == (f"{tmp_path / name}: no 'categories' list, or an empty one: a COCO detection file "
+                                f"names the categories of its annotations there")
+    # images without annotations (to label, say) need no categories
+    (tmp_path / "bare.json").write_text(json.dumps({"images": images}))
+    (r,) = open_dataset(f"coco:{tmp_path / 'bare.json'}")
+    assert r.error is None and r.regions == () and r.file_name == "a.png"
 
 
 @pytest.mark.parametrize("fmt", ["odvg", "mdetr"])

@@ -18,8 +18,10 @@ from glip.evaluate import (
     category_prompts,
     coco_metrics,
     evaluate,
+    evaluate_dataset,
     evaluate_detection,
     evaluate_grounding,
+    format_table,
     phrase_hits,
     recall_at_k,
 )
@@ -57,6 +59,33 @@ def test_ap_is_one_for_ground_truth_and_drops_for_wrong_boxes():
     assert {n for n, v in m["per_category"].items() if v is not None} == {names[c] for c in present}
     assert coco_metrics(gt, gt_detections(gt, shift=40.0))["AP50"] < 0.5
     assert coco_metrics(gt, [])["AP"] == 0.0
+
+
+def test_an_area_range_without_ground_truth_has_no_ap(tmp_path):
+    """pycocotools' -1 ("no ground truth there") is reported as None and printed as n/a, not as a 0."""
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 200, "height": 200}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 150, 150], "area": 22500.0,
+                           "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "star"}]}
+    m = coco_metrics(gt, gt_detections(gt))
+    assert m["AP"] == pytest.approx(1.0) and m["APl"] == pytest.approx(1.0)
+    assert m["APs"] is None and m["APm"] is None
+    assert m["per_category"] == {"circle": pytest.approx(1.0), "star": None}
+    none = coco_metrics(gt, [])  # no detections: 0 where there is ground truth, still None where there is none
+    assert (none["AP"], none["APs"], none["APl"], none["per_category"]) == (0.0, None, 0.0, {"circle": 0.0, "star": None})
+    table = format_table({"ann.json": {**m, "n_images": 1, "seconds": 0.1}})
+    assert "APs=n/a  APm=n/a  APl=1.000" in table and "AP=1.000" in table
+
+
+def test_detection_evaluation_without_any_annotation_is_an_error(micro, tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    images = [{"id": 1, "file_name": "a.png", "width": 16, "height": 16}]
+    for name, d in [("noann.json", {"images": images, "annotations": [], "categories": [{"id": 1, "name": "cat"}]}),
+                    ("bare.json", {"images": images})]:
+        (tmp_path / name).write_text(json.dumps(d))
+        with pytest.raises(DataError) as e:
+            evaluate_dataset(micro, f"coco:{tmp_path / name}", progress=False)
+        assert str(e.value) == f"coco:{tmp_path / name}: no annotations to evaluate against"
 
 
 def _result(phrases, boxes, ids, scores, size=(320, 320)):
@@ -190,6 +219,11 @@ def test_eval_cli_one_line_errors(tmp_path, capsys):
     assert err == f"error: {tmp_path / 'bad.json'}: invalid JSON (line 1, column 6)"
     assert main(["eval", "--model", "toy", "--data", "coco:/no/file.json"]) == 2
     assert "file not found: /no/file.json" in capsys.readouterr().err
+    (tmp_path / "nocat.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                                     "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 2, 2]}]}))
+    assert main(["eval", "--model", "toy", "--data", f"coco:{tmp_path / 'nocat.json'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nocat.json'}: no 'categories' list, or an empty "
+                                               f"one: a COCO detection file names the categories of its annotations there")
 
 
 def test_novel_by_word_partitions_the_target_hits(micro):

@@ -247,6 +247,51 @@ def test_resume_refuses_other_settings(model, tmp_path):
         label(model, "world:web:0:2", tmp_path / "o", threshold=0.3, resume=True, progress=False)
 
 
+def test_a_slice_never_writes_over_another_slicing_or_settings(model, corpus, tmp_path):
+    kw = dict(threshold=0.0, batch_size=2, progress=False)
+    label(model, corpus, tmp_path / "o", **kw)
+    before = files(tmp_path / "o")
+    with pytest.raises(ConfigError, match="split 1 way.*--shard I/1"):
+        label(model, corpus, tmp_path / "o", shard="1/2", **kw)
+    with pytest.raises(ConfigError, match="split 1 way"):
+        label(model, corpus, tmp_path / "o", shard="1/2", resume=True, **kw)
+    assert files(tmp_path / "o") == before
+    label(model, corpus, tmp_path / "s", shard="0/2", **kw)
+    with pytest.raises(ConfigError, match="another slice of this run used other settings \\(threshold\\)"):
+        label(model, corpus, tmp_path / "s", shard="1/2", **{**kw, "threshold": 0.9})
+    with pytest.raises(ConfigError, match="split 2 way"):
+        label(model, corpus, tmp_path / "s", **kw)
+
+
+def test_labelling_stops_before_any_work_on_what_cannot_succeed(model, tmp_path, capsys):
+    """A precision the device cannot run, or data without captions, would reject every pair and mark the shards
+    complete: both stop with one line, before a manifest is written."""
+    with pytest.raises(ConfigError, match="fp16 autocast needs a CUDA device"):
+        label(model, "world:web:0:2", tmp_path / "fp16", threshold=0.0, precision="fp16", progress=False)
+    assert not (tmp_path / "fp16" / "manifest.json").exists()
+    from glip.__main__ import main
+
+    assert main(["label", "--model", "toy-teacher", "--data", "world:gold_det:0:2", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "labelling needs image–caption pairs" in err and "detection" in err and "\n" not in err
+    assert not (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_an_image_over_the_pixel_limit_is_too_large_not_corrupt(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a valid PNG header announcing 60000×60000 pixels (PIL refuses it in `open`, before any decoding)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    rec = Record(key="huge", file_name="huge.png", image=png, caption="a red circle")
+    got = prepare(rec, LabelSettings())
+    assert got["reason"] == "image too large" and "too large" in got["detail"]
+
+
 class Spy:
     calls = 0
 

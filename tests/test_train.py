@@ -371,3 +371,29 @@ def test_train_cli_passes_device_and_workers(tmp_path, capsys):
     assert saved["device"] == "cpu" and saved["num_workers"] == 0 and saved["steps"] == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_finished_run_is_never_overwritten_and_a_bad_out_fails_before_the_model(tmp_path, capsys, monkeypatch):
+    from glip.__main__ import main
+    from glip.train import trainer
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--steps", "2", "--device", "cpu", "--workers", "0", "--no-progress"]
+    assert main(args + ["--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(args + ["--out", str(out)]) == 2  # the same folder again, without --resume
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "already holds a training run" in err and "--resume" in err
+    assert "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # --resume where there is nothing to resume: says so, then trains
+    fresh = tmp_path / "fresh"
+    assert main(args + ["--out", str(fresh), "--resume"]) == 0
+    assert "no resume state" in capsys.readouterr().out and (fresh / "last.pt").is_file()
+    # an output path that cannot be a folder: one line, and the model is never built
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    assert main(args + ["--out", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write to the output folder") and "\n" not in err

@@ -67,6 +67,9 @@ class CocoDataset(Dataset):
         self.path = Path(ann_file)
         self.image_root = Path(images) if images else self.path.parent
         self.images, self.by_image, cats = coco_tables(self.path)
+        if self.by_image and not cats:  # without annotations (images to label), no categories are needed
+            raise DataError(f"{self.path}: no 'categories' list, or an empty one: a COCO detection file names "
+                            f"the categories of its annotations there")
         try:
             self.categories = tuple(sorted((Category(int(c["id"]), str(c["name"])) for c in cats), key=lambda c: c.id))
         except (KeyError, TypeError, ValueError):

@@ -4,12 +4,14 @@ The image column holds a path relative to the manifest's folder (absolute paths 
 it may also hold the encoded image bytes, or a {"bytes": ...} struct as Hugging Face datasets store
 it). Column names are options of the spec: `jsonl:pairs.jsonl?image=path&caption=text`. Rows are
 streamed; a malformed row (invalid JSON, missing column) is yielded with an `error` naming the file
-and line, and the run goes on.
+and line, and the run goes on. A column that the header (CSV, TSV), the schema (Parquet) or the first
+row (JSONL) lacks is a DataError when the dataset is opened.
 """
 from __future__ import annotations
 
 import csv
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,6 +38,8 @@ class ManifestDataset(Dataset):
             missing = [c for c in (image, caption, key) if c and c not in header]  # key: only when asked for
             if missing:
                 raise DataError(f"{self.path}: no column {missing[0]!r} in the header (columns: {', '.join(header)})")
+        if fmt == "jsonl":
+            self._check_first_row(image, caption, key)
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -47,6 +51,19 @@ class ManifestDataset(Dataset):
             missing = [c for c in (image, caption, key) if c and c not in names]
             if missing:
                 raise DataError(f"{self.path}: no column {missing[0]!r} (columns: {', '.join(names)})")
+
+    def _check_first_row(self, *columns: str | None) -> None:
+        """JSONL has no header: the first row stands for it, so that a column option naming a key the
+        rows do not have stops the run at open instead of rejecting every row. Later rows that lack a
+        key are still rejected one by one."""
+        with closing(self._rows()) as rows:
+            line_no, row, _ = next(rows, (0, None, None))
+        if row is None:  # an empty file, or a first row that is not a JSON object (rejected as such)
+            return
+        missing = [c for c in columns if c and c not in row]  # key: only when asked for
+        if missing:
+            raise DataError(f"{self.path}:{line_no}: no key {missing[0]!r} in the first row "
+                            f"(keys: {', '.join(row) or 'none'})")
 
     def __len__(self) -> int:
         if self.fmt == "parquet":

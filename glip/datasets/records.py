@@ -105,7 +105,9 @@ def decode_image(src: ImageSource, name: str = "image") -> Image.Image:
                     raise ImageError(f"{name}: image too large ({im.width}×{im.height} pixels; limit {MAX_PIXELS:,})")
                 im.load()
                 src = ImageOps.exif_transpose(im)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        except Image.DecompressionBombError:  # PIL's own size guard fires in `open`, before the check above
+            raise ImageError(f"{name}: image too large (more than {MAX_PIXELS:,} pixels)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             if isinstance(e, ImageError):
                 raise
             raise ImageError(f"{name}: corrupt or not an image ({e.__class__.__name__})") from e

@@ -30,6 +30,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_writable(out_dir: str | Path) -> Path:
+    """Create `out_dir` and prove a file can be written and renamed there (ConfigError otherwise): what a long
+    job checks before any work, so that a bad output folder fails in seconds rather than after hours."""
+    from glip.errors import ConfigError
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = atomic_write_text(out / ".write-test", "ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the output folder {out} ({e.strerror or e.__class__.__name__})") from None
+    return out
+
+
 def jsonl_bytes(rows: Iterable[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from glip.datasets.writers import check_writable
 from glip.errors import CheckpointError, ConfigError
 from glip.runtime import autocast, peak_rss_mb
 from glip.train import distributed as D
@@ -299,9 +300,16 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
     if resume and ckpt.is_file():
         state = load_state(ckpt)
         check_same_run(state, tc.to_dict(), ckpt)
+    elif di.is_main:
+        done = [n for n in ("last.pt", "log.jsonl", "model/model.safetensors") if (out / n).is_file()]
+        if done and not resume:  # another run's weights and log: never overwritten without being asked
+            raise ConfigError(f"{out} already holds a training run ({', '.join(done)}); pass --resume to continue "
+                              "it, or give another --out")
+        if resume and not quiet:
+            print(f"no resume state ({ckpt} does not exist): starting a new run")
     sources, weights = open_sources(tc.data)
     if di.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)  # before the model is built: a bad --out fails in seconds
     opts = ItemOptions.from_config(tc)
     prompts = (lambda cfg: training_prompts(sources, weights, 512, cfg.max_query_len, tc.seed, opts))
     model = build_model(tc, prompts=prompts if state is None else None).to(dev)
