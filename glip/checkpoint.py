@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -69,6 +70,21 @@ def shapes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 # --- reading ------------------------------------------------------------------------------------
+def load_error(path: str | Path, e: Exception, what: str = "a loadable PyTorch checkpoint") -> CheckpointError:
+    """One line for a file `torch.load(weights_only=True)` refused. torch's own text advises loading with
+    weights_only=False, which would run the file's code: not advice to pass on, so only its finding is kept
+    (the global the file asked for, or what the unpickler could not read)."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(e, pickle.UnpicklingError) and found:
+        return CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain containers "
+                               f"({found.group(1)}); only weights are ever loaded from a file")
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    first = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
+    return CheckpointError(f"{path}: not {what}: truncated, or another kind of file "
+                           f"({e.__class__.__name__}{': ' + first[:160] if first else ''})")
+
+
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     """The 'model' state dict of an official .pth, 'module.' stripped (only if every key has it).
     Memory-mapped: the tensors are read from disk only when used."""
@@ -78,7 +94,7 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
         ckpt = _load_plain(path)
     except Exception as e:
-        raise CheckpointError(f"{path.name}: not a loadable PyTorch checkpoint ({e.__class__.__name__}: {e})") from e
+        raise load_error(path.name, e) from None
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path.name}: expected a dict with a 'model' state dict of tensors")
@@ -91,7 +107,7 @@ def _load_plain(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path.name}: not a loadable PyTorch checkpoint ({e.__class__.__name__}: {e})") from e
+        raise load_error(path.name, e) from None
 
 
 def infer_config(sd: Mapping, base: GLIPConfig | None = None) -> GLIPConfig:

@@ -2,9 +2,11 @@
 official-layout checkpoints round-tripping through our format, and the pure-PyTorch DCN."""
 from __future__ import annotations
 
+import collections
 import math
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -285,6 +287,14 @@ def test_wrong_checkpoints(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a loadable"):
         GLIP.from_pretrained(tmp_path / "garbage.pth")
+    (tmp_path / "notes.txt").write_text("these are not weights\n" * 50)
+    with pytest.raises(CheckpointError, match="not a loadable PyTorch checkpoint: truncated, or another kind"):
+        GLIP.from_pretrained(tmp_path / "notes.txt")
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": collections.OrderedDict(a=Fraction(1, 3))},
+               tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="refused to load.*fractions.Fraction") as e:
+        GLIP.from_pretrained(tmp_path / "pickled.pth")
+    assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)  # never advise running the file
     torch.save({"model": {"module.fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="Not a GLIP checkpoint"):
         GLIP.from_pretrained(tmp_path / "other.pth")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import torch
 
+from glip.checkpoint import load_error
 from glip.errors import CheckpointError, ConfigError
 
 VERSION = 1
@@ -43,16 +43,10 @@ def load_state(path: Path) -> dict:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain containers "
-                              f"({first[:160]}); a resume state written by this trainer never does") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no resume state") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: truncated or not a resume state ({e.__class__.__name__}: {first[:160]})"
-                              ) from None
+        raise load_error(path, e, "a resume state") from None
     need = {"version": int, "step": int, "elapsed": float, "model": dict, "optimizer": dict, "config": str}
     if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in need.items()):
         raise CheckpointError(f"{path}: not a resume state of this trainer (expected keys {sorted(need)})")
