@@ -74,6 +74,8 @@ def _open_file(src) -> Image.Image:
     """A lazily opened image (header read, no pixel decoded): path, bytes or binary file object."""
     if isinstance(src, (str, Path)):
         path = Path(src)
+        if path.is_dir():
+            raise ImageError(f"{path} is a folder, not an image file")
         if not path.is_file():
             raise ImageError(f"Image file not found: {path}")
     elif isinstance(src, (bytes, bytearray, memoryview)):

@@ -384,6 +384,9 @@ def _background(items: Iterator, depth: int) -> Iterator:
             yield x
     finally:
         stop.set()
+        # let the worker leave before the interpreter does (an interrupt ends the run here): a thread still
+        # inside a decoder at exit can abort the process instead of letting it exit cleanly
+        t.join(timeout=10)
 
 
 # --------------------------------------------------------------------------------------------------

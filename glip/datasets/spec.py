@@ -67,6 +67,8 @@ def _existing(path: str, spec: Spec, what: str = "file") -> Path:
     p = Path(path).expanduser()
     ok = p.is_dir() if what == "folder" else p.is_file()
     if not ok:
+        if p.exists():  # the path is there, but the other kind
+            raise DataError(f"{spec.text}: {p} is a {'file' if p.is_file() else 'folder'}, not a {what}")
         raise DataError(f"{spec.text}: {what} not found: {p}")
     return p
 
