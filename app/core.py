@@ -9,6 +9,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import threading
 import traceback
 from collections import OrderedDict
@@ -87,7 +88,17 @@ def outputs(view_cls, comps: dict) -> list:
 
 
 def user_error(msg: str) -> gr.Error:
-    return gr.Error(msg, print_exception=False)
+    return gr.Error(plain(msg), print_exception=False)
+
+
+def warn(msg: str) -> None:
+    """A toast: Gradio shows its text as typed, so the Markdown that notes on the page use is taken out."""
+    gr.Warning(plain(msg))
+
+
+def plain(md: str) -> str:
+    """Markdown emphasis and code marks removed (`code` → code, **bold** → bold), for text shown verbatim."""
+    return re.sub(r"(\*\*|__|`)(.+?)\1", r"\2", md).replace("*", "")
 
 
 # --- the shared services -------------------------------------------------------------------------------------------

@@ -232,6 +232,16 @@ def test_prompt_lab_bars_take_each_prompts_phrase_colours(tabs, scene):
     assert [to_hex(b.get_facecolor()[:3]) for b in bars_b] == want_b
 
 
+def test_toasts_show_plain_text_not_markdown():
+    from app.core import plain
+
+    assert plain("GLIP-L could not be loaded: start with `python app.py --model PATH` — **toy-student** ran instead"
+                 ) == "GLIP-L could not be loaded: start with python app.py --model PATH — toy-student ran instead"
+    assert plain("*toy-student is a toy model*; 2 * 3") == "toy-student is a toy model; 2  3"
+    tabs_dir = Path(app_pkg.__file__).parent / "tabs"
+    assert not [f.name for f in tabs_dir.glob("*.py") if "gr.Warning(" in f.read_text()]  # every toast goes through warn
+
+
 def test_heat_tiles_share_one_colour_scale(tabs, scene):
     s, path = scene
     g = tabs["ground"]
@@ -356,7 +366,7 @@ def test_every_view_renders(tabs, core, scene):
     # the released pair's preset picks both models; offline they cannot load and the toy pair runs, saying so
     pre = ts.on_preset("GLIP-T (C) → GLIP-T (the paper's released pair)")
     assert (pre.teacher_in, pre.student_in) == ("GLIP-T (C)", "GLIP-T")
-    with pytest.warns(UserWarning, match="toy-teacher\\*\\* ran instead"):
+    with pytest.warns(UserWarning, match="— toy-teacher ran instead"):
         c = ts.compare(p.ts_image, p.ts_caption, p.sample, "GLIP-T (C)", "GLIP-T", 0.5, 0.3, 0.5)
     assert "Teacher **toy-teacher**" in c.ts_summary and "GLIP-T (C) could not be loaded" in c.ts_summary
     # prompt lab
@@ -438,7 +448,7 @@ def test_user_errors_are_clear_messages(tabs, scene, tmp_path):
     ok = " . ".join(f"thing{i}" for i in range(MAX_PHRASES))
     assert g(path, ok, "auto", "", STUDENT, 0.3, 0.6, 10, 0, "fp32", "auto").state is not None
     # a model that cannot load: the toy student runs, and the UI says so
-    with pytest.warns(UserWarning, match="GLIP-T could not be loaded.*python app.py --model PATH.*toy-student\\*\\* ran"):
+    with pytest.warns(UserWarning, match="GLIP-T could not be loaded.*python app.py --model PATH.*— toy-student ran"):
         v = g(path, "circle", "auto", "", "GLIP-T", 0.3, 0.6, 100, 0, "fp32", "auto")
     assert v.state.ran == STUDENT and v.state.model == "GLIP-T" and "you picked `GLIP-T`" in v.status_out
 

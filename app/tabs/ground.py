@@ -15,7 +15,7 @@ from glip import explain
 from glip.draw import phrase_styles
 
 from .. import render
-from ..core import Core, friendly, gpu, named, outputs
+from ..core import Core, friendly, gpu, named, outputs, warn
 from ..examples import example_picker
 from ..limits import MAX_PHRASES, MAX_PROMPT_CHARS
 from ..state import GroundRequest
@@ -58,7 +58,7 @@ class GroundTab:
         r = self.core.resolve(req.model)
         req = req.replace(ran=r.name)
         if r.note:
-            gr.Warning(r.note)
+            warn(r.note)
         return self._view(req, show, t0, note=r.note)
 
     def rethreshold(self, req: GroundRequest | None, thr, nms, max_boxes, show="auto"):
@@ -110,7 +110,7 @@ class GroundTab:
                            + (" · *fallback model (random weights)*" if self.core.manager.is_fallback(req.ran) else ""))
         view.note_out = "\n\n".join(x for x in (note, self.core.framing(req.ran, req.image)) if x)
         if not len(full):
-            gr.Warning(f"No box scores above {req.threshold:.2f}. Lower the score threshold in 'Advanced'.")
+            warn(f"No box scores above {req.threshold:.2f}. Lower the score threshold in 'Advanced'.")
         return view
 
     def table(self, res):

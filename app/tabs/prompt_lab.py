@@ -12,7 +12,7 @@ from glip import explain
 from glip.draw import phrase_styles
 
 from .. import render
-from ..core import Core, friendly, gpu, named, outputs
+from ..core import Core, friendly, gpu, named, outputs, warn
 from ..examples import example_picker
 
 
@@ -35,7 +35,7 @@ class PromptLabTab:
     def compare(self, image, prompt_a, prompt_b, model_name, thr):
         r = self.core.resolve(model_name)
         if r.note:
-            gr.Warning(r.note)
+            warn(r.note)
         res = []
         for pr in (prompt_a, prompt_b):
             req = self.core.request(image, pr, model=r.name, threshold=thr, nms_iou=None, max_dets=100)

@@ -19,7 +19,7 @@ from glip.label import LabelSettings, label_pair
 from glip.prompts import from_caption
 
 from .. import render
-from ..core import Core, friendly, gpu, named, user_error
+from ..core import Core, friendly, gpu, named, user_error, warn
 from ..models import STUDENT, TEACHER
 from ..state import WebSample
 
@@ -134,7 +134,7 @@ class TeacherStudentTab:
         sr_ = self.core.resolve(student_name, fallback=STUDENT)
         for r in (tr_, sr_):
             if r.note:
-                gr.Warning(r.note)
+                warn(r.note)
         tv, sv = self.core.vocabulary(tr_.name), self.core.vocabulary(sr_.name)
         novel = sorted(sv - tv) if tv is not None and sv is not None else []
         im = self.core.display(str(image))
