@@ -160,7 +160,8 @@ class Core:
             im = load_image(path, max_side=DISPLAY_SIDE)  # a large JPEG is decoded at a reduced scale
             if max(im.size) < DISPLAY_MIN:
                 k = DISPLAY_MIN / max(im.size)
-                im = im.resize((round(im.width * k), round(im.height * k)), Image.BICUBIC)
+                # a few-pixel image is shown as its pixels, not smoothed into a gradient
+                im = im.resize((round(im.width * k), round(im.height * k)), Image.NEAREST if k >= 4 else Image.BICUBIC)
         with self._display_lock:
             self._display[path] = im
             while len(self._display) > 8:

@@ -93,6 +93,8 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
 
         for comp in (ground.c["image_in"], ts.c["ts_image"], lab.c["lab_image"]):
             guard_image(comp, lambda: core.scratch.new_dir())
+            # checked as it arrives: a corrupt or oversized file is refused at upload, not at the next run
+            comp.upload(lambda _: None, comp, None, show_progress="hidden", concurrency_id="light", **PRIVATE)
         g, t, lb = ground.c, ts.c, lab.c
         for comp, what in ((g["thr_in"], "Score threshold must be in [0, 1]"), (g["nms_in"], "NMS IoU must be in [0.05, 1]"),
                            (g["max_in"], "Max boxes must be in 1..300"), (g["size_in"], "Input size must be in 0..1333"),

@@ -357,7 +357,7 @@ def test_every_view_renders(tabs, core, scene):
                         LabelSettings(threshold=0.0, max_per_phrase=1, score_words=core.vocabulary(TEACHER)))
     assert c.ts_df["teacher"].sum() == len(labels) > 0
     assert "new word" in c.ts_df.columns  # the student's vocabulary holds words the teacher's does not
-    assert list(c.diff_df.columns) == ["phrase", "teacher best", "student best", "Δ (student − teacher)"]
+    assert list(c.diff_df.columns) == ["phrase", "teacher best", "student best", "Δ (S − T)"]
     every = ts.compare(p.ts_image, p.ts_caption, p.sample, TEACHER, STUDENT, 0.0, 0.0, 0.5, False)
     assert (every.ts_df["student"] >= c.ts_df["student"]).all() and every.ts_df["student"].max() > 1
     # an edited caption has no truth; the pickers take any two models (here the student labels for itself)
@@ -669,6 +669,19 @@ def test_every_event_runs_through_the_queue_and_examples_fill_their_inputs(demo,
         [fn] = [fn for fn in demo.fns.values() if fn.inputs == [table]]
         assert fn.outputs == [tab.c[k] for k in inputs] and fn.queue is not False
         assert fn.fn(1) == want
+
+
+def test_an_upload_is_checked_as_it_arrives(demo, tabs, tmp_path):
+    from gradio.data_classes import FileData
+
+    for comp in (tabs["ground"].c["image_in"], tabs["teacher"].c["ts_image"], tabs["lab"].c["lab_image"]):
+        [fn] = [fn for fn in demo.fns.values() if fn.inputs == [comp] and fn.outputs == []
+                and any(t[1] == "upload" for t in fn.targets)]
+        assert fn.queue is not False
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(gr.Error, match="corrupt or not an image"):  # what that event's input preprocessing runs
+        tabs["ground"].c["image_in"].preprocess(FileData(path=str(bad)))
 
 
 def test_no_event_writes_an_input_it_reads(demo):

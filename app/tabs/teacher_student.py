@@ -171,7 +171,7 @@ class TeacherStudentTab:
         order = np.argsort(-np.abs(b - a), kind="stable")[:8]
         diff = pd.DataFrame({"phrase": [names[j] for j in order], "teacher best": [round(float(a[j]), 3) for j in order],
                              "student best": [round(float(b[j]), 3) for j in order],
-                             "Δ (student − teacher)": [round(float(b[j] - a[j]), 3) for j in order]})
+                             "Δ (S − T)": [round(float(b[j] - a[j]), 3) for j in order]})
         fig = render.phrase_compare_plot(names, a.tolist(), b.tolist(), f"teacher ({tr_.name})", f"student ({sr_.name})",
                                          "Best score per phrase: teacher vs student", colors=[s.color for s in styles])
         tot = sum(r["matched"] for r in agree)
