@@ -75,8 +75,8 @@ class PreparedImage:
 
     @property
     def tensor(self) -> torch.Tensor:
-        """(3, h, w) normalised, on the CPU."""
-        return self.pre.batch_pixels([self.pixels])[0][0, :, : self.hw[0], : self.hw[1]]
+        """(3, h, w) normalised, on the CPU (a contiguous copy, as a model input of its own)."""
+        return self.pre.batch_pixels([self.pixels])[0][0, :, : self.hw[0], : self.hw[1]].contiguous()
 
 
 @dataclass
