@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from .cli_args import (
     Parser,
@@ -30,6 +31,10 @@ def cmd_predict(a) -> int:
     from .model import GLIP
 
     probe_size(a.image)  # a missing or unreadable image fails before the model is loaded
+    if a.out:  # and so does an --out folder that cannot be written
+        from .datasets.writers import check_writable
+
+        check_writable(Path(a.out).parent)
     model = GLIP.from_pretrained(a.model, config=a.config, device=a.device)
     res = model.predict(a.image, a.prompt, threshold=a.threshold, nms_iou=a.nms_iou, max_dets=a.max_dets,
                         min_size=a.min_size, max_size=a.max_size, mode=a.mode, phrases=a.phrase or None,

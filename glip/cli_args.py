@@ -42,11 +42,20 @@ def run_command(fn: Callable[[argparse.Namespace], int | None], args: argparse.N
     try:
         return int(fn(args) or 0)
     except GLIPError as e:
+        _close_progress_bars()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _close_progress_bars() -> None:
+    """End the line of any progress bar the failed command left open, so that the error gets a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 # --- validators (argparse `type=`) ------------------------------------------------------------------

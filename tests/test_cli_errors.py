@@ -113,6 +113,14 @@ def test_unwritable_output(tmp_path, capsys):
     assert "cannot write the converted model" in _one_error_line(code, err)
 
 
+def test_predict_proves_its_out_folder_writable_before_loading_the_model(capsys, monkeypatch):
+    from glip.model import GLIP
+
+    monkeypatch.setattr(GLIP, "from_pretrained", classmethod(lambda *a, **k: (_ for _ in ()).throw(AssertionError)))
+    code, _, err = _run(["predict", "--image", IMAGE, "--prompt", "dog", "--out", "/proc/boxes.png"], capsys)
+    assert "cannot write to the output folder /proc" in _one_error_line(code, err)  # not writable, even by root
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
 def test_cuda_on_a_machine_without_it(capsys):
     for argv in (["predict", "--image", IMAGE, "--prompt", "dog", "--device", "cuda"], ["parity", str(FX), "--device", "cuda:1"],
@@ -145,3 +153,21 @@ def test_a_good_prediction_still_works_and_reports_the_image_size(capsys):
     assert code == 0, err
     js = json.loads(out)
     assert js["image_size"] == [520, 300] and isinstance(js["detections"], list)
+
+
+def test_an_error_mid_run_gets_a_line_of_its_own_after_the_progress_bar(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "a.png")
+    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                      {"id": 2, "file_name": "gone.png", "width": 40, "height": 30}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0},
+                           {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0}],
+           "categories": [{"id": 1, "name": "red square"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    code, _, err = _run(["eval", "--model", "toy", "--data", f"coco:{tmp_path / 'ann.json'}:{tmp_path}",
+                         "--batch-size", "1"], capsys)
+    assert code == 2
+    lines = err.replace("\r", "\n").splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "gone.png" in errors[0], err[-500:]

@@ -130,7 +130,8 @@ class GroundTab:
             return None
         cols = render.token_colors(res.tokens, res.prompt)
         return render.token_bars(res.tokens, res.token_scores[i], cols,
-                                 f"Box #{i + 1} ({res.phrases[i]}, score {res.scores[i]:.2f}): σ(S_ground) per token",
+                                 f"Box #{i + 1} ({res.phrases[i]}, score {res.scores[i]:.2f} = √(phrase σ × centerness)): "
+                                 "σ(S_ground) per token",
                                  mark=explain.phrase_tokens(res.prompt, res.tokens, int(res.phrase_ids[i])))
 
     @staticmethod
