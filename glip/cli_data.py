@@ -21,10 +21,10 @@ def _threads(n) -> None:
 
 def cmd_label(a) -> int:
     from glip.datasets import open_dataset
+    from glip.datasets.writers import output_folder
     from glip.label import (
         LabelSettings,
         check_labelable,
-        check_writable,
         format_summary,
         label,
         parse_shard,
@@ -35,26 +35,26 @@ def cmd_label(a) -> int:
                              max_per_phrase=a.max_per_phrase or None,
                              score_words=resolve_score_words(a.score_words, a.model), precision=a.precision).validate()
     shard = parse_shard(a.shard)
-    check_writable(a.out)               # an unwritable --out fails before the model is loaded
-    ds = check_labelable(open_dataset(a.data))  # so do a bad spec, a missing file and data without captions
-    if a.engine == "ray":               # the same labelling on a Ray cluster
-        from glip.label_ray import label_from_args
+    with output_folder(a.out):        # an unwritable --out fails before the model is loaded
+        ds = check_labelable(open_dataset(a.data))  # so do a bad spec, a missing file and data without captions
+        if a.engine == "ray":               # the same labelling on a Ray cluster
+            from glip.label_ray import label_from_args
 
-        summary = label_from_args(a, ds, settings, shard)
+            summary = label_from_args(a, ds, settings, shard)
+            print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
+            return 0
+        if a.address or a.actors is not None or a.gpus_per_actor or a.threads_per_actor is not None:
+            from glip.errors import ConfigError
+
+            raise ConfigError("--address, --actors, --gpus-per-actor and --threads-per-actor need --engine ray")
+        _threads(a.threads)
+        from glip.model import GLIP
+
+        model = GLIP.from_pretrained(a.model, config=a.config, device=a.device)
+        summary = label(model, ds, a.out, settings, shard=shard, resume=a.resume, records_per_shard=a.records_per_shard,
+                        model_name=a.model, progress=not a.no_progress)
         print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
         return 0
-    if a.address or a.actors is not None or a.gpus_per_actor or a.threads_per_actor is not None:
-        from glip.errors import ConfigError
-
-        raise ConfigError("--address, --actors, --gpus-per-actor and --threads-per-actor need --engine ray")
-    _threads(a.threads)
-    from glip.model import GLIP
-
-    model = GLIP.from_pretrained(a.model, config=a.config, device=a.device)
-    summary = label(model, ds, a.out, settings, shard=shard, resume=a.resume, records_per_shard=a.records_per_shard,
-                    model_name=a.model, progress=not a.no_progress)
-    print(json.dumps(summary, indent=1) if a.json else format_summary(summary))
-    return 0
 
 
 def cmd_eval(a) -> int:

@@ -318,6 +318,10 @@ def test_unwritable_out_fails_before_any_work(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: cannot write to the output folder") and "\n" not in err
     assert main(["label", "--model", "toy-teacher", "--data", "nope:x", "--out", str(tmp_path / "o")]) == 2
     assert "unknown dataset scheme 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # stopped before writing: no empty folder left behind
+    (tmp_path / "kept").mkdir()
+    assert main(["label", "--model", "toy-teacher", "--data", "nope:x", "--out", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
 
 
 # ---------------------------------------------------------------- the per-shard unit

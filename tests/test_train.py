@@ -397,3 +397,9 @@ def test_a_finished_run_is_never_overwritten_and_a_bad_out_fails_before_the_mode
     assert main(args + ["--out", str(tmp_path / "file" / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot write to the output folder") and "\n" not in err
+    # a run that stops before writing (here: the model cannot be built) leaves no empty folder behind
+    from glip.errors import ConfigError
+
+    monkeypatch.setattr(trainer, "build_model", lambda *a, **k: (_ for _ in ()).throw(ConfigError("no model")))
+    assert main(args + ["--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()

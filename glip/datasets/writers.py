@@ -5,6 +5,7 @@ next write of the same file replaces.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,6 +44,22 @@ def check_writable(out_dir: str | Path) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot write to the output folder {out} ({e.strerror or e.__class__.__name__})") from None
     return out
+
+
+@contextlib.contextmanager
+def output_folder(out_dir: str | Path):
+    """`check_writable(out_dir)` for the block's duration; if the block fails and the folder was created here
+    and is still empty, it is removed again (a command that stops before writing leaves nothing behind)."""
+    out = Path(out_dir)
+    created = not out.exists()
+    check_writable(out)
+    try:
+        yield out
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only an empty folder goes
+        raise
 
 
 def jsonl_bytes(rows: Iterable[dict]) -> bytes:

@@ -272,10 +272,16 @@ def train(tc: TrainConfig, resume: bool = False, progress_bar: bool = True, quie
     tc = validate(tc)
     dist_info, dev = D.setup(tc.device)
     ok = False
+    created = not Path(tc.out).exists()
     try:
         out = _train(tc, dist_info, dev, resume, progress_bar, quiet, stop_after)
         ok = True
         return out
+    except BaseException:
+        if created and dist_info.is_main:  # a run that stopped before writing anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                Path(tc.out).rmdir()
+        raise
     finally:
         if ok:
             D.teardown(dist_info)
