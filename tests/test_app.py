@@ -705,6 +705,7 @@ def test_the_pair_note_follows_a_release_that_fails_to_load(tabs, demo):
         time.sleep(0.1)
     note = ts.pair_note(teacher, student)
     assert "is loading" not in note and note.count("could not be loaded") == 2, note
+    assert ts.pair_note("toy-teacher", "toy-student") == ""  # idle models that load on first use: no note
     # the page's timer refreshes that note while a model is busy
     [tick] = [fn for fn in demo.fns.values() if ts.c["preset_note"] in fn.outputs and ts.c["teacher_in"] in fn.inputs
               and ts.c["student_in"] in fn.inputs and len(fn.outputs) > 1]

@@ -104,10 +104,11 @@ class TeacherStudentTab:
         return self.pick_sample(seed, random.randrange(0, 10_000))
 
     def pair_note(self, teacher, student) -> str:
-        """What the note under the pickers says: the state of each picked model that is not ready."""
+        """What the note under the pickers says: each picked model that is on its way (downloading, converting,
+        loading) or failed; one that simply loads on first use needs no note."""
         mm = self.core.manager
         return "\n\n".join(mm.describe(n) for n in dict.fromkeys((teacher, student))
-                            if n in mm.menu and mm.status(n).state != "ready")
+                            if n in mm.menu and (mm.status(n).busy or mm.status(n).state == "failed"))
 
     def on_preset(self, preset):
         teacher, student = PRESETS[preset]
