@@ -26,7 +26,7 @@ CSS = """
 .glip-banner {border-left:5px solid #f58231; padding-left:10px; background:rgba(245,130,49,0.08)}
 .glip-note {font-size:0.92em}
 .glip-note:not(:empty) {border-left:4px solid #4363d8; padding-left:8px}
-#model-status:not(:empty) {border-left:5px solid #3cb44b; padding-left:10px}
+#model-status:not(:empty) {border-left:5px solid #f58231; padding-left:10px}  /* downloads and failures: attention, not "ok" */
 /* gallery captions wrap instead of being cut off */
 .gallery-item .caption-label, .thumbnail-item .caption-label, figcaption {white-space: normal !important;
   overflow: visible !important; text-overflow: clip !important; max-width: none !important}
