@@ -84,7 +84,13 @@ def named(fn, comps: dict):
 
 
 def outputs(view_cls, comps: dict) -> list:
-    return [comps[f.name] for f in fields(view_cls)]
+    return components(comps, *(f.name for f in fields(view_cls)))
+
+
+def components(comps: dict, *names: str) -> list:
+    """The components of a tab named `names`: the outputs of an event that writes only those (an event that
+    fails marks its outputs with an error badge, which must never cover an input the user still needs)."""
+    return [comps[k] for k in names]
 
 
 def user_error(msg: str) -> gr.Error:

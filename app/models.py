@@ -270,6 +270,14 @@ class ModelManager:
             self.status_of[c.name] = LoadStatus("loading")
         return GLIP.from_pretrained(str(folder), device=dev)
 
+    def notes(self, names=None) -> str:
+        """`describe` of each model (of `names`, default the whole menu) that is on its way (downloading,
+        converting, loading) or failed: what the page says about models; one that simply loads on first use
+        needs no note."""
+        names = self.menu if names is None else dict.fromkeys(names)
+        return "\n\n".join(self.describe(n) for n in names
+                            if n in self.menu and (self.status(n).busy or self.status(n).state == "failed"))
+
     def describe(self, name: str) -> str:
         """One line on a model's state, for the UI: ready / downloading 40% … / failed: why."""
         st = self.status(name)

@@ -59,11 +59,6 @@ def models_table(manager: ModelManager) -> str:
     return "\n".join(rows)
 
 
-def status_lines(manager: ModelManager) -> str:
-    lines = [manager.describe(n) for n in manager.menu if manager.status(n).busy or manager.status(n).state == "failed"]
-    return "\n\n".join(lines)
-
-
 def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
     core = Core(manager or ModelManager())
     mm = core.manager
@@ -75,7 +70,7 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
         gr.Markdown(INTRO)
         banner = mm.banner()
         gr.Markdown(banner, visible=bool(banner), elem_classes=["glip-banner"], elem_id="fallback-banner")
-        status = gr.Markdown(status_lines(mm), elem_id="model-status")
+        status = gr.Markdown(mm.notes(), elem_id="model-status")
         with gr.Accordion("Models: what each one is trained on", open=False):
             table = gr.Markdown(models_table(mm), elem_id="models-table")
             gr.Markdown("The toy models know only the synthetic world of coloured shapes. The released GLIP "
@@ -109,7 +104,7 @@ def build_demo(manager: ModelManager | None = None) -> gr.Blocks:
 
         def tick(teacher, student):
             busy = any(mm.status(n).busy for n in mm.menu)
-            return status_lines(mm), models_table(mm), ts.pair_note(teacher, student), gr.Timer(active=busy)
+            return mm.notes(), models_table(mm), ts.pair_note(teacher, student), gr.Timer(active=busy)
 
         timer.tick(tick, [t["teacher_in"], t["student_in"]], [status, table, t["preset_note"], timer],
                    show_progress="hidden", concurrency_id="light", **PRIVATE)

@@ -250,7 +250,7 @@ def main(argv=None) -> int:
 
 
 def _main(a) -> None:
-    from .label import check_writable
+    from .datasets.writers import check_writable
 
     out = check_writable(a.out)
     kw = dict(hw=(160, 224), runs=2, pairs=16, batches=(4, 8), repeats=1) if a.small else {}

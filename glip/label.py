@@ -573,14 +573,17 @@ def check_labelable(ds: Dataset) -> Dataset:
 
 def plan_run(data: str | Dataset, out: str | Path, settings: LabelSettings | None = None, *,
              shard: tuple[int, int] | str = (0, 1), resume: bool = False, records_per_shard: int = RECORDS_PER_SHARD,
-             model_name: str = "", **kw) -> RunPlan:
-    """Validate the settings, prove `out` writable, open the dataset and start (or resume) the manifest."""
+             model_name: str = "", device: torch.device | None = None, **kw) -> RunPlan:
+    """Validate the settings (against the model's `device` when given), prove `out` writable, open the dataset
+    and start (or resume) the manifest."""
     if settings is not None and kw:
         raise ConfigError("give either settings or its fields, not both")
     try:
         settings = (settings or LabelSettings(**kw)).validate()
     except TypeError as e:
         raise ConfigError(f"unknown labelling setting: {e}") from None
+    if device is not None:  # a precision the device cannot run would reject every pair
+        check_precision(settings.precision, device)
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
         raise ConfigError(f"shard must be (I, N) with 0 <= I < N, got {shard}")
@@ -599,11 +602,9 @@ def label(model, data: str | Dataset, out: str | Path, settings: LabelSettings |
     """Label a dataset (spec or Dataset) into `out`: see the module docstring. Settings come as a
     `LabelSettings` or as its fields (`threshold=`, `batch_size=`, ...). Returns the summary (also written
     to summary.json): pairs, regions, regions per pair, score histogram, rejects by reason, time."""
-    if hasattr(model, "parameters"):  # a precision the model's device cannot run would reject every pair
-        check_precision(settings.precision if settings is not None else kw.get("precision", "fp32"),
-                        next(model.parameters()).device)
+    device = next(model.parameters()).device if hasattr(model, "parameters") else None
     plan = plan_run(data, out, settings, shard=shard, resume=resume, records_per_shard=records_per_shard,
-                    model_name=model_name, **kw)
+                    model_name=model_name, device=device, **kw)
     settings = plan.settings
     model.eval()
     from tqdm import tqdm

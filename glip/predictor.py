@@ -22,7 +22,7 @@ from .boxes import scale_boxes
 from .errors import ConfigError
 from .fusion import FusionAttention
 from .head import HeadOutput
-from .image import MAX_SIDE, ImageError, LoadedImage, fit_size
+from .image import MAX_SIDE, ImageError, LoadedImage, fit_size, normalize
 from .language import TextFeatures
 from .postprocess import atss_postprocess
 from .preprocess import Preprocessor
@@ -75,8 +75,8 @@ class PreparedImage:
 
     @property
     def tensor(self) -> torch.Tensor:
-        """(3, h, w) normalised, on the CPU (a contiguous copy, as a model input of its own)."""
-        return self.pre.batch_pixels([self.pixels])[0][0, :, : self.hw[0], : self.hw[1]].contiguous()
+        """(3, h, w) normalised, on the CPU."""
+        return normalize(self.pixels, self.pre.mean, self.pre.std)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 image → text, through depth), and the ablation with fusion switched off."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from glip import explain
 from glip.draw import phrase_styles
 
 from .. import render
-from ..core import Core, friendly, gpu, named, user_error
+from ..core import Core, components, friendly, gpu, named, user_error
 from ..state import GroundRequest
 from .ground import GroundTab
 
@@ -246,9 +247,7 @@ class FusionTab:
     def wire(self, state, priv: dict):
         c = self.c
 
-        def outs(*names):  # each event writes only what it sets: an error badge never covers a menu it reads
-            return [c[k] for k in names]
-
+        outs = functools.partial(components, c)  # each event writes only what it sets: never a menu it reads
         setup_out = outs("tok_pick", "layer_pick", "head_pick", "box_pick", "fusion_info")
         t2i_out = outs("t2i_out", "strip_out", "sharp_out", "t2i_note")
         i2t_out = outs("click_img", "i2t_mat", "i2t_bars")

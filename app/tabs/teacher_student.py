@@ -4,6 +4,7 @@ differ most. Presets: the toy pair on the synthetic world (its hidden truth show
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from glip.label import LabelSettings, label_pair
 from glip.prompts import from_caption
 
 from .. import render
-from ..core import Core, friendly, gpu, named, user_error, warn
+from ..core import Core, components, friendly, gpu, named, user_error, warn
 from ..models import STUDENT, TEACHER
 from ..state import WebSample
 
@@ -104,11 +105,8 @@ class TeacherStudentTab:
         return self.pick_sample(seed, random.randrange(0, 10_000))
 
     def pair_note(self, teacher, student) -> str:
-        """What the note under the pickers says: each picked model that is on its way (downloading, converting,
-        loading) or failed; one that simply loads on first use needs no note."""
-        mm = self.core.manager
-        return "\n\n".join(mm.describe(n) for n in dict.fromkeys((teacher, student))
-                            if n in mm.menu and (mm.status(n).busy or mm.status(n).state == "failed"))
+        """What the note under the pickers says (`ModelManager.notes` of the two picked models)."""
+        return self.core.manager.notes((teacher, student))
 
     def on_preset(self, preset):
         teacher, student = PRESETS[preset]
@@ -280,9 +278,7 @@ class TeacherStudentTab:
     def wire(self, priv: dict, demo: gr.Blocks):
         c = self.c
 
-        def outs(*names):  # each event writes only what it sets: an error badge never covers an input it reads
-            return [c[k] for k in names]
-
+        outs = functools.partial(components, c)  # each event writes only what it sets: never an input it reads
         sample_out = outs("index_in", "ts_image", "ts_caption", "sample")
         sample_in = [c["seed_in"]]
         c["gallery"].select(friendly(named(self.on_gallery_pick, c)), sample_in, sample_out, concurrency_id="light",

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from glip.datasets.writers import check_writable
+from glip.datasets.writers import output_folder
 from glip.errors import CheckpointError, ConfigError
 from glip.runtime import autocast, peak_rss_mb
 from glip.train import distributed as D
@@ -272,16 +272,13 @@ def train(tc: TrainConfig, resume: bool = False, progress_bar: bool = True, quie
     tc = validate(tc)
     dist_info, dev = D.setup(tc.device)
     ok = False
-    created = not Path(tc.out).exists()
+    # rank 0 proves --out writable before the model is built, and removes it again if the run stops first
+    folder = output_folder(tc.out) if dist_info.is_main else contextlib.nullcontext()
     try:
-        out = _train(tc, dist_info, dev, resume, progress_bar, quiet, stop_after)
+        with folder:
+            out = _train(tc, dist_info, dev, resume, progress_bar, quiet, stop_after)
         ok = True
         return out
-    except BaseException:
-        if created and dist_info.is_main:  # a run that stopped before writing anything leaves no folder behind
-            with contextlib.suppress(OSError):
-                Path(tc.out).rmdir()
-        raise
     finally:
         if ok:
             D.teardown(dist_info)
@@ -314,8 +311,6 @@ def _train(tc: TrainConfig, di: D.Dist, dev: torch.device, resume: bool, progres
         if resume and not quiet:
             print(f"no resume state ({ckpt} does not exist): starting a new run")
     sources, weights = open_sources(tc.data)
-    if di.is_main:
-        check_writable(out)  # before the model is built: a bad --out fails in seconds
     opts = ItemOptions.from_config(tc)
     prompts = (lambda cfg: training_prompts(sources, weights, 512, cfg.max_query_len, tc.seed, opts))
     model = build_model(tc, prompts=prompts if state is None else None).to(dev)
