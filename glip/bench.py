@@ -4,7 +4,8 @@ Random weights (timing does not depend on them), a synthetic image (800×1333 by
 10-name prompt. For every stage: min / median seconds over `runs` repetitions, the FLOPs it
 executes (counted by `torch.utils.flop_counter`, matrix products and convolutions), and its floor:
 those FLOPs at the dense GEMM rate of this machine, measured in the same process (a 2048³
-matmul, best of a few). time ÷ floor says how far a stage is from its compute bound. Compare
+matmul, best of a few; on the CPU in fp32 the faster of torch's BLAS and oneDNN, whichever one
+inference uses, see `glip.gemm`). time ÷ floor says how far a stage is from its compute bound. Compare
 versions within one run or by `--compare` against a JSON written on the same machine, never
 across machines.
 """
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 
+from . import gemm
 from .config import get_preset
-from .dyhead import _MKL_LINEAR
 from .model import GLIP
 from .postprocess import atss_postprocess
 from .predictor import _autocast
@@ -71,10 +72,16 @@ if _SDPA_CPU is not None and _SDPA_CPU not in flop_counter.flop_registry:
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# MKL's packed-weight linear (the DCN's GEMM in fp32 CPU inference): input (M, K) times orig_weight (N, K)ᵀ.
-if _MKL_LINEAR is not None and _MKL_LINEAR not in flop_counter.flop_registry:
-    @flop_counter.register_flop_formula(_MKL_LINEAR)
+# The linears `glip.gemm` calls instead of addmm in fp32 CPU inference: input (…, K) times a weight (N, K)ᵀ
+# (MKL's packed GEMM receives the packed and the original weight; oneDNN's a dense or a packed weight, (N, K) either way).
+if gemm._MKL_LINEAR is not None and gemm._MKL_LINEAR not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(gemm._MKL_LINEAR)
     def _mkl_linear_flop(input_shape, packed_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
+
+if gemm._ONEDNN_LINEAR is not None and gemm._ONEDNN_LINEAR not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(gemm._ONEDNN_LINEAR)
+    def _onednn_linear_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
 
 
@@ -85,20 +92,36 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, tries: int = 5) -> float:
-    """Dense matmul FLOP/s of this machine now (n³, best of `tries`)."""
+def gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, tries: int = 5,
+              library: str | None = None) -> float:
+    """Dense matmul FLOP/s of this machine now (n³, best of `tries`). On the CPU in fp32, `library` ("blas" or
+    "onednn", see `glip.gemm`) picks who multiplies; by default the one inference uses."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     sync = _sync(device)
-    a @ b
-    best = float("inf")
-    for _ in range(tries):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
+    with gemm.use(library or gemm.library()), torch.no_grad():
+        gemm.linear(a, b)
+        best = float("inf")
+        for _ in range(tries):
+            sync()
+            t = time.perf_counter()
+            gemm.linear(a, b)
+            sync()
+            best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def gemm_rates(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """`gemm_rate` of every library that multiplies on this device and dtype (one entry off the CPU's fp32)."""
+    libs = [lib for lib in gemm.LIBRARIES if _library_runs(lib)] if device.type == "cpu" and dtype == torch.float32 else []
+    if not libs:
+        return {"default": gemm_rate(device, dtype)}
+    return {lib: gemm_rate(device, dtype, library=lib) for lib in libs}
+
+
+def _library_runs(library: str) -> bool:
+    with gemm.use(library):
+        return gemm.library() == library
 
 
 def _sync(dev: torch.device):
@@ -126,7 +149,9 @@ def run_bench(preset: str = "glip-t", height: int = 800, width: int = 1333, runs
     model = (model or GLIP(get_preset(preset))).eval().to(dev)
     cfg = model.config
     sync = _sync(dev)
-    rate = gemm_rate(dev, DTYPES.get(precision, torch.float32))
+    dtype = DTYPES.get(precision, torch.float32)
+    rates = gemm_rates(dev, dtype)
+    rate = max(rates.values())
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     prompt = from_categories(NAMES)
@@ -194,12 +219,16 @@ def run_bench(preset: str = "glip-t", height: int = 800, width: int = 1333, runs
             pred.predict(image, NAMES, **size_kw)
         h, w = pred.prepare_image(image, size_kw["min_size"], size_kw["max_size"]).hw
         rows.append(_row(f"predict_{s}", f"predict at {h}×{w}, nothing cached", at_size, runs, sync, rate))
-    rate = max(rate, gemm_rate(dev, DTYPES.get(precision, torch.float32)))  # the machine's best of both ends
+    # the floor: the best library's rate, at the better of both ends of the run
+    rates = {k: max(v, r) for (k, v), r in zip(rates.items(), gemm_rates(dev, dtype).values())}
+    rate = max(rates.values())
     for r in rows:
         r.floor_s = r.gflop * 1e9 / rate
     meta = dict(preset=label, height=height, width=width, runs=runs,
                 device=str(dev), threads=torch.get_num_threads(), precision=precision, torch=torch.__version__,
-                gemm_gflops=rate / 1e9, tokens=int(ids.shape[1]), prompt_tokens=n)
+                gemm_gflops=rate / 1e9, gemm_gflops_by_library={k: v / 1e9 for k, v in rates.items()},
+                gemm_library=gemm.library() if dev.type == "cpu" and dtype == torch.float32 else "default",
+                tokens=int(ids.shape[1]), prompt_tokens=n)
     return BenchResult(meta, rows)
 
 
@@ -241,7 +270,7 @@ def fresh_peak_rss_mb(preset: str = "glip-t", height: int = 800, width: int = 13
 def format_result(res: BenchResult, title: str | None = None) -> str:
     m = res.meta
     title = title or (f"{m['preset']} {m['height']}x{m['width']} on {m['device']} ({m['threads']} threads), "
-                      f"{m['precision']}, {m['runs']} runs; dense GEMM {m['gemm_gflops']:.0f} GFLOP/s")
+                      f"{m['precision']}, {m['runs']} runs; dense GEMM {m['gemm_gflops']:.0f} GFLOP/s{_libraries(m)}")
     out = [title, f"{'stage':44s} {'min s':>8s} {'median s':>8s} {'GFLOP':>8s} {'floor s':>8s} {'÷ floor':>7s}"]
     out += [f"{r.name:44s} {r.min_s:8.3f} {r.median_s:8.3f} {r.gflop:8.1f} {r.floor_s:8.3f} {_ratio(r):>7s}"
             for r in res.rows]
@@ -265,6 +294,15 @@ def format_compare(new: BenchResult, ref: BenchResult) -> str:
         flop = f"{r.gflop / o.gflop:12.2f}" if o.gflop else f"{'-':>12s}"
         out.append(f"{r.name:44s} {o.min_s:8.3f} {r.min_s:8.3f} {speedup(o, r):7.2f}x {flop} {_ratio(o):>7s} → {_ratio(r):>5s}")
     return "\n".join(out)
+
+
+def _libraries(meta: dict) -> str:
+    """" (inference on oneDNN; blas 180, onednn 410 GFLOP/s)" when the run measured more than one library."""
+    rates = meta.get("gemm_gflops_by_library") or {}
+    if len(rates) < 2:
+        return ""
+    each = ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+    return f" (inference on {meta.get('gemm_library')}; {each} GFLOP/s)"
 
 
 def _ratio(r: Row) -> str:

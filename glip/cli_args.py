@@ -40,6 +40,9 @@ def run_command(fn: Callable[[argparse.Namespace], int | None], args: argparse.N
     """Run a command; a user-facing error (GLIPError) becomes one stderr line and exit code 2. Anything else
     is a bug and keeps its traceback."""
     try:
+        from . import gemm
+
+        gemm.library()  # a bad GLIP_CPU_GEMM stops here, before any work
         return int(fn(args) or 0)
     except GLIPError as e:
         _close_progress_bars()

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
+from . import gemm, runtime
+from .gemm import Linear
 
 try:  # optional fast path; torchvision cannot be installed beside the CPU torch used here
     from torchvision.ops import deform_conv2d as _tv_deform_conv2d
@@ -36,11 +37,10 @@ CHUNK_ROWS = 8192
 # Off the CPU (`runtime.host_tiled`): gathered columns per chunk, in bytes; at batch 1 every level of an
 # 800×1333 image is one chunk.
 DEVICE_CHUNK_BYTES = 1 << 30
-# fp32 CPU inference: MKL's GEMM with the weight packed once per call (`_mkl_linear`, the op torch's own
-# frozen-graph linear uses) when a call has at least this many full chunks to amortise the packing.
+# fp32 CPU inference: the GEMM's weight packed once per call (`gemm.pack`) when a call has at least this many
+# full chunks to amortise the packing.
 PACK_MIN_CHUNKS = 4
 BAND_BYTES = 4 << 20  # inference: DyReLU's second line is formed a band of rows of about this size at a time
-_MKL_LINEAR = getattr(torch.ops.mkl, "_mkl_linear", None) if torch.backends.mkl.is_available() else None
 
 
 def sample_table(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def conv3x3_from_table(table: torch.Tensor, H: int, W: int, weight: torch.Tensor
     pixel (i + a - 1, j + b - 1), i.e. table position (i + a, j + b). Returns (B, O, H, W), channels-last."""
     B, _, C = table.shape
     O = weight.shape[0]
-    Y = (table @ weight.permute(1, 2, 3, 0).reshape(C, 9 * O)).view(B, H + 3, W + 3, 3, 3, O)
+    Y = gemm.linear(table, weight.permute(2, 3, 0, 1).reshape(9 * O, C)).view(B, H + 3, W + 3, 3, 3, O)
     out = Y[:, :H, :W, 0, 0] + (bias if bias is not None else 0)
     for a in range(3):
         for b in range(3):
@@ -149,19 +149,13 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
     P = B * Ho * Wo  # output positions of the whole batch, chunked alike
     step = max(1, (CHUNK_ROWS if runtime.host_tiled(x) else DEVICE_CHUNK_BYTES // (C * table.element_size())) // K)
     keep = torch.is_grad_enabled()  # autograd: keep the chunks and concatenate; inference: write in place
-    packed = None
-    if (not keep and _MKL_LINEAR is not None and x.device.type == "cpu" and table.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and P // step >= PACK_MIN_CHUNKS):
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, step)
+    packed = gemm.pack(w, step, like=table) if P // step >= PACK_MIN_CHUNKS else None
     out, pieces = None, []
     for s in range(0, P, step):
         e = min(P, s + step)
         cols = F.embedding_bag(rows[s * K:e * K], table, per_sample_weights=wts[s * K:e * K], mode="sum")
         cols = cols.view(e - s, K * C)
-        if packed is not None:  # (a last, shorter chunk runs MKL's plain GEMM: same as addmm)
-            y = _MKL_LINEAR(cols, packed, w, bias, step)
-        else:
-            y = cols @ w.t() if bias is None else torch.addmm(bias, cols, w.t())
+        y = packed(cols, bias) if packed is not None else gemm.linear(cols, w, bias)
         if keep or e - s == P:  # autograd, or the whole batch in one chunk: y is the output
             pieces.append(y)
             continue
@@ -228,7 +222,7 @@ class DyReLU(nn.Module):
         super().__init__()
         self.channels = channels
         squeeze = make_divisible(channels // reduction, 4)
-        self.fc = nn.Sequential(nn.Linear(channels, squeeze), nn.ReLU(inplace=True), nn.Linear(squeeze, 4 * channels))
+        self.fc = nn.Sequential(Linear(channels, squeeze), nn.ReLU(inplace=True), Linear(squeeze, 4 * channels))
 
     def forward(self, x):
         B, C = x.shape[:2]

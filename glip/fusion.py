@@ -20,6 +20,7 @@ from torch import nn
 
 from . import runtime
 from .config import CLAMP
+from .gemm import Linear
 
 NORM_BAND_BYTES = 4 << 20  # inference normalises the flattened pyramid in bands of about this size
 LOGIT_BAND_BYTES = 4 << 20  # CPU inference: image positions per band of logits (B · band · heads·T values)
@@ -61,12 +62,12 @@ class BiMultiHeadAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.dropout = num_heads, embed_dim // num_heads, dropout
         self.scale = self.head_dim ** -0.5
-        self.v_proj = nn.Linear(v_dim, embed_dim)
-        self.l_proj = nn.Linear(l_dim, embed_dim)
-        self.values_v_proj = nn.Linear(v_dim, embed_dim)
-        self.values_l_proj = nn.Linear(l_dim, embed_dim)
-        self.out_v_proj = nn.Linear(embed_dim, v_dim)
-        self.out_l_proj = nn.Linear(embed_dim, l_dim)
+        self.v_proj = Linear(v_dim, embed_dim)
+        self.l_proj = Linear(l_dim, embed_dim)
+        self.values_v_proj = Linear(v_dim, embed_dim)
+        self.values_l_proj = Linear(l_dim, embed_dim)
+        self.out_v_proj = Linear(embed_dim, v_dim)
+        self.out_l_proj = Linear(embed_dim, l_dim)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

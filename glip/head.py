@@ -18,6 +18,7 @@ from torch import nn
 from .config import CLAMP, GLIPConfig
 from .dyhead import DyConv
 from .fusion import FusionAttention, VLFuse
+from .gemm import Linear
 from .language import BertFusionLayer, TextFeatures
 
 
@@ -56,7 +57,7 @@ class VLDyHead(nn.Module):
         self.bbox_pred = nn.Conv2d(C, 4, 1)
         self.centerness = nn.Conv2d(C, 1, 1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(5))
-        self.dot_product_projection_text = nn.Linear(D, C)
+        self.dot_product_projection_text = Linear(D, C)
         bias_value = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
         self.log_scale = nn.Parameter(torch.tensor([cfg.log_scale]))
         self.bias_lang = nn.Parameter(torch.zeros(D))

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import CLAMP
 from .errors import ConfigError
+from .gemm import Linear
 
 MASK_FILL = -10000.0  # the additive padding mask of the official GLIP's BERT (and of its fusion layers)
 
@@ -72,7 +73,7 @@ class _SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, clamp: float | None):
         super().__init__()
         self.heads, self.dropout, self.clamp = heads, dropout, clamp
-        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.query, self.key, self.value = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask_add: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -92,7 +93,7 @@ class _DenseNorm(nn.Module):
 
     def __init__(self, din: int, dout: int, eps: float):
         super().__init__()
-        self.dense = nn.Linear(din, dout)
+        self.dense = Linear(din, dout)
         self.LayerNorm = nn.LayerNorm(dout, eps=eps)
 
 
@@ -114,7 +115,7 @@ class BertLayer(nn.Module):
         self.hidden_dropout = bert.get("hidden_dropout_prob", 0.1)
         self.attention.output = _DenseNorm(dim, dim, eps)
         self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(dim, bert["intermediate_size"])
+        self.intermediate.dense = Linear(dim, bert["intermediate_size"])
         self.output = _DenseNorm(bert["intermediate_size"], dim, eps)
 
     def forward(self, hidden: torch.Tensor, mask_add: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,13 @@ def test_rows_schema_and_flops(result):
     assert by["new_prompt"].gflop == pytest.approx(by["predict"].gflop - by["backbone"].gflop, rel=1e-6)
     assert by["head_cropped"].gflop < by["head_full"].gflop and by["predict_64"].gflop < by["predict"].gflop
     assert result.meta["gemm_gflops"] > 0 and result.meta["prompt_tokens"] < result.meta["tokens"]
+    rates = result.meta["gemm_gflops_by_library"]  # the floor is the fastest library's rate, not the one in use
+    assert result.meta["gemm_gflops"] == max(rates.values()) and result.meta["gemm_library"] in rates
     for r in result.rows:  # floor = FLOPs at the measured GEMM rate
         assert r.floor_s == pytest.approx(r.gflop / result.meta["gemm_gflops"])
     text = format_result(result)
     assert "÷ floor" in text and "predict at 64×" in text
+    assert len(rates) < 2 or f"inference on {result.meta['gemm_library']}" in text.splitlines()[0]
 
 
 def test_json_round_trip_and_compare(result, tmp_path):

@@ -15,7 +15,7 @@ from conftest import KEYS, REPO, fixture_dirs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glip import GLIP, GLIPConfig, get_preset
+from glip import GLIP, GLIPConfig, gemm, get_preset
 from glip.checkpoint import IGNORED, CheckpointError, infer_config, read_official
 from glip.dyhead import deform_conv2d, reinterpret
 from glip.parity import run_parity
@@ -412,28 +412,35 @@ def test_dcn_channels_last_offsets_match_naive_kernel():
             assert torch.allclose(inf, ref, atol=1e-9) and torch.equal(inf, grad.detach())
 
 
-def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch):
-    """fp32 CPU inference multiplies the columns by a once-packed weight (MKL); full chunks take the packed
-    kernel, a shorter last chunk the plain one. Same values as the float64 reference, at fp32 rounding."""
+@pytest.mark.parametrize("library", gemm.LIBRARIES)
+def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch, library):
+    """fp32 CPU inference multiplies the columns by a weight packed once per call, in the layout of the library
+    in use (oneDNN or MKL); every chunk, the shorter last one included, takes the packed weight. Same values as
+    the float64 reference, at fp32 rounding."""
     import glip.dyhead as dyhead
 
-    if dyhead._MKL_LINEAR is None:
-        pytest.skip("torch built without MKL")
     calls = []
-    monkeypatch.setattr(dyhead, "_MKL_LINEAR", lambda *a: calls.append(a[0].shape[0]) or torch.ops.mkl._mkl_linear(*a))
+    call = gemm.PackedLinear.__call__
+    monkeypatch.setattr(gemm.PackedLinear, "__call__",
+                        lambda self, x, bias=None: calls.append((self.library, x.shape[0])) or call(self, x, bias))
     monkeypatch.setattr(dyhead, "CHUNK_ROWS", 9 * 7)
     monkeypatch.setattr(dyhead, "PACK_MIN_CHUNKS", 2)
     g = torch.Generator().manual_seed(6)
-    for H, W, stride in ((6, 5, 1), (9, 8, 2)):
-        x, offset, mask, weight, bias = dcn_case(g, 5, H, W, stride)
-        Ho, Wo = offset.shape[-2:]
-        ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
-        calls.clear()
+    with gemm.use(library):
         with torch.no_grad():
-            ours = deform_conv2d(x.float(), offset.float(), mask.float(), weight.float(), bias.float(), stride, 1,
-                                 use_torchvision=False)
-        assert len(calls) == -(-2 * Ho * Wo // 7) and 7 in calls  # every chunk of the batch's positions, full ones included
-        torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
+            packable = gemm.pack(torch.zeros(2, 3), 4, like=torch.zeros(1, 3)) is not None
+        if gemm.library() != library or not packable:
+            pytest.skip(f"torch built without {library}'s packed GEMM")
+        for H, W, stride in ((6, 5, 1), (9, 8, 2)):
+            x, offset, mask, weight, bias = dcn_case(g, 5, H, W, stride)
+            Ho, Wo = offset.shape[-2:]
+            ref = naive_dcn(x, offset, mask, weight, bias, stride, 1)
+            calls.clear()
+            with torch.no_grad():
+                ours = deform_conv2d(x.float(), offset.float(), mask.float(), weight.float(), bias.float(), stride, 1,
+                                     use_torchvision=False)
+            assert len(calls) == -(-2 * Ho * Wo // 7) and (library, 7) in calls  # every chunk of the batch's positions
+            torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_dcn_gradients_match_finite_differences():
