@@ -48,8 +48,10 @@ def sample_table(x: torch.Tensor) -> torch.Tensor:
     border (1 before, 2 after, in both directions), so that every corner of a sample point clamped
     to [-1, H] × [-1, W] is a row of the table, and the rows outside the map are zeros."""
     B, C, H, W = x.shape
-    t = x.new_zeros(B, H + 3, W + 3, C)
+    t = x.new_empty(B, H + 3, W + 3, C)
     t[:, 1:H + 1, 1:W + 1] = x.permute(0, 2, 3, 1)
+    for border in (t[:, :1], t[:, H + 1:], t[:, 1:H + 1, :1], t[:, 1:H + 1, W + 1:]):  # only the border is zeroed
+        border.zero_()
     return t.view(B, (H + 3) * (W + 3), C)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
+from . import gemm, runtime
 from .config import CLAMP
 from .gemm import Linear
 
@@ -204,7 +204,7 @@ class BiMultiHeadAttention(nn.Module):
                  for a in range(0, src.shape[1], step)]
         for src, sink, a, p in bands:  # band of positions p … p + band of the whole pyramid
             vb = src[:, a:a + step] if norm is None else norm(src[:, a:a + step])
-            A = torch.baddbmm(bias_t, kq, vb.transpose(1, 2)).clamp_(-CLAMP, CLAMP)  # (B, heads·T, band)
+            A = gemm.baddbmm(bias_t, kq, vb.transpose(1, 2)).clamp_(-CLAMP, CLAMP)  # (B, heads·T, band)
             if keep_attention:
                 if maps is None:
                     maps = A.new_empty(B, H * T, N), A.new_empty(B, H, T, N)  # text→image logits, image→text probs
@@ -212,11 +212,11 @@ class BiMultiHeadAttention(nn.Module):
             m_new = A.amax(dim=-1) if m is None else torch.maximum(m, A.amax(dim=-1))
             E = (A - m_new[..., None]).exp_()
             if m is None:
-                s, pooled = E.sum(dim=-1), E @ vb
+                s, pooled = E.sum(dim=-1), gemm.baddbmm(None, E, vb)
             else:
                 rescale = (m - m_new).exp_()
                 s = s.mul_(rescale).add_(E.sum(dim=-1))
-                pooled = torch.baddbmm(pooled.mul_(rescale[..., None]), E, vb)
+                pooled = gemm.baddbmm(pooled.mul_(rescale[..., None]), E, vb)
             m = m_new
             del E
             A4 = A.view(B, H, T, -1)
@@ -225,7 +225,7 @@ class BiMultiHeadAttention(nn.Module):
             torch.softmax(A4, dim=2, out=A4)
             if keep_attention:
                 maps[1][..., p:p + A.shape[-1]] = A4
-            out = torch.baddbmm(bo, A.transpose(1, 2), vo)  # (B, band, C)
+            out = gemm.baddbmm(bo, A.transpose(1, 2), vo)  # (B, band, C)
             dst = sink[:, a:a + step]
             if norm is None:
                 dst.copy_(out)

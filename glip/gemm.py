@@ -3,8 +3,8 @@
 torch's CPU `addmm` / `mm` call its BLAS (MKL in the x86 wheels). The same wheel carries oneDNN, whose JIT
 kernels pick their instructions from what the CPU reports rather than from its vendor; on some x86 CPUs it
 runs the same fp32 GEMM at about twice the BLAS rate (docs/performance.md, "Which library multiplies").
-Inference's large products (every `Linear` of Swin, BERT and the head, the DCN's and the offset conv's GEMMs)
-go through `linear`, which calls oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op torch's own
+Inference's large products (every `Linear` of Swin, BERT and the head, the DCN's and the offset conv's GEMMs,
+X-MHA's banded products) go through `linear`, which calls oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op torch's own
 compiler emits for CPU linears) when `onednn_applies`: a CPU fp32 product with autograd and autocast off,
 oneDNN built in, and the library not set to "blas". Both libraries multiply and sum in fp32; their sums run
 in different orders, so values differ at fp32 rounding. Everything else (autograd, autocast, other devices)
@@ -74,6 +74,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if onednn_applies(x, weight):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def baddbmm(bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """bias + x @ y per batch item, as `torch.baddbmm` (x (B, M, K), y (B, K, N), bias broadcast to (B, M, N));
+    bias None: `torch.bmm`. On oneDNN one `linear` per batch item, with y's transpose as the weight."""
+    if not onednn_applies(x, y):
+        return torch.bmm(x, y) if bias is None else torch.baddbmm(bias, x, y)
+    row = bias is not None and bias.dim() == 1  # one value per output column: linear's own bias
+    out = [linear(x[b], y[b].transpose(0, 1), bias if row else None) for b in range(x.shape[0])]
+    out = out[0][None] if len(out) == 1 else torch.stack(out)
+    return out if row or bias is None else out.add_(bias)
 
 
 class Linear(nn.Linear):

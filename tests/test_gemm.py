@@ -102,3 +102,20 @@ def test_environment_chooses_the_library_and_a_bad_name_is_one_line():
                          env=dict(env, GLIP_CPU_GEMM="fast"), capture_output=True, text=True)
     assert bad.returncode != 0 and "GLIP_CPU_GEMM must be one of onednn, blas, not 'fast'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("library", LIBS)
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), m=st.integers(1, 30), k=st.integers(1, 40), n=st.integers(1, 30),
+       bias=st.sampled_from(["none", "row", "column", "full"]), transposed=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_baddbmm_is_torch_baddbmm_at_fp32_rounding(library, b, m, k, n, bias, transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, m, k, generator=g)
+    y = torch.randn(b, n, k, generator=g).transpose(1, 2) if transposed else torch.randn(b, k, n, generator=g)
+    shape = {"none": None, "row": (n,), "column": (b, m, 1), "full": (b, m, n)}[bias]
+    c = None if shape is None else torch.randn(*shape, generator=g)
+    ref = torch.bmm(x.double(), y.double()) + (0 if c is None else c.double())
+    with gemm.use(library), torch.no_grad():
+        out = gemm.baddbmm(c, x, y)
+    assert out.shape == (b, m, n)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * (k ** 0.5), rtol=1e-5)

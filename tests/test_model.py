@@ -486,6 +486,23 @@ def test_dcn_torchvision_path_agrees():
 
 
 @settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), C=st.integers(1, 6), H=st.integers(1, 9), W=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_sample_table_is_the_map_inside_a_zero_border(B, C, H, W, seed):
+    """Rows of the table: the channels-last map padded by 1 before and 2 after in both directions with zeros,
+    whatever the fresh memory held (new allocations are filled with NaN here)."""
+    from glip.dyhead import sample_table
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    empty = torch.Tensor.new_empty
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: empty(self, *a, **k).fill_(float("nan")))
+        table = sample_table(x)
+    ref = F.pad(x, (1, 2, 1, 2)).permute(0, 2, 3, 1).reshape(B, (H + 3) * (W + 3), C)
+    assert torch.equal(table, ref)
+
+
+@settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 2), C=st.integers(1, 6), O=st.integers(1, 30), H=st.integers(1, 9), W=st.integers(1, 9),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_offset_conv_from_the_sample_table_equals_conv2d(B, C, O, H, W, bias, seed):
