@@ -36,9 +36,24 @@ def cmd_predict(a) -> int:
 
         check_writable(Path(a.out).parent)
     model = GLIP.from_pretrained(a.model, config=a.config, device=a.device)
-    res = model.predict(a.image, a.prompt, threshold=a.threshold, nms_iou=a.nms_iou, max_dets=a.max_dets,
-                        min_size=a.min_size, max_size=a.max_size, mode=a.mode, phrases=a.phrase or None,
-                        candidate_threshold=a.candidate_threshold)
+    bar = None
+
+    def progress(done: int, total: int) -> None:  # a bar only for a prompt long enough to run in chunks
+        nonlocal bar
+        if total > 1:
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, desc="prompt chunks", unit="chunk", file=sys.stderr)
+            bar.update(1)
+
+    try:
+        res = model.predict(a.image, a.prompt, threshold=a.threshold, nms_iou=a.nms_iou, max_dets=a.max_dets,
+                            min_size=a.min_size, max_size=a.max_size, mode=a.mode, phrases=a.phrase or None,
+                            candidate_threshold=a.candidate_threshold, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if a.json:
         print(json.dumps({"caption": res.prompt.caption, "phrases": res.prompt.phrases,
                           "image_size": list(res.image_size), "detections": res.to_json()}, indent=1))

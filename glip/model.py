@@ -142,7 +142,7 @@ class GLIP(nn.Module):
     def predict(self, image, prompt, spans=None, phrases=None, threshold: float = 0.5, nms_iou: float | None = None,
                 max_dets: int = 100, min_size: int | None = None, max_size: int | None = None, mode: str = "auto",
                 output_attentions: bool = False, precision: str = "fp32", fusion: bool = True,
-                candidate_threshold: float | None = None) -> "GroundingResult | list[GroundingResult]":
+                candidate_threshold: float | None = None, progress=None) -> "GroundingResult | list[GroundingResult]":
         """Ground `prompt` in `image` → GroundingResult (boxes xyxy in the original image's pixels, scores,
         phrase of each box, token scores); a list of images with a list of prompts runs as one padded batch.
 
@@ -160,8 +160,10 @@ class GLIP(nn.Module):
         min_size / max_size: the test-time resize (default `config.min_size_test` / `max_size_test`).
         output_attentions: keep the X-MHA attention maps (`result.attentions`).
         precision: "fp32", "bf16" or "fp16" (CUDA) autocast. fusion=False: deep fusion switched off (ablation).
+        progress: called as progress(done, total) after each of a single image's prompt chunks (a long prompt
+          runs the head once per chunk).
         """
         return self.predictor.predict(image, prompt, spans=spans, phrases=phrases, threshold=threshold,
                                       nms_iou=nms_iou, max_dets=max_dets, min_size=min_size, max_size=max_size,
                                       mode=mode, output_attentions=output_attentions, precision=precision,
-                                      fusion=fusion, candidate_threshold=candidate_threshold)
+                                      fusion=fusion, candidate_threshold=candidate_threshold, progress=progress)

@@ -234,7 +234,7 @@ class Predictor:
     def predict(self, image, prompt, spans=None, phrases=None, threshold: float = 0.5, nms_iou: float | None = None,
                 max_dets: int = 100, min_size: int | None = None, max_size: int | None = None, mode: str = "auto",
                 output_attentions: bool = False, precision: str = "fp32", fusion: bool = True,
-                candidate_threshold: float | None = None):
+                candidate_threshold: float | None = None, progress=None):
         """Ground `prompt` in `image`; the arguments are documented at `glip.GLIP.predict`.
 
         A list of images with a list of prompts (one per image) runs as ONE padded batch (the pseudo-labelling
@@ -250,7 +250,12 @@ class Predictor:
         entry = self.prepare_image(image, min_size, max_size)
         full = self.prepare_prompt(prompt, phrases, spans, mode)
         with self.lock:
-            states = [self.run([entry], [c], output_attentions, precision, fusion)[0] for c in entry.pre.chunk(full)]
+            chunks = entry.pre.chunk(full)
+            states = []
+            for c in chunks:
+                states.append(self.run([entry], [c], output_attentions, precision, fusion)[0])
+                if progress is not None:
+                    progress(len(states), len(chunks))
             return self._result(entry, full, states, *post)
 
     @staticmethod

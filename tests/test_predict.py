@@ -142,8 +142,11 @@ def test_batch_is_one_padded_forward(pred, scene):
 
 def test_prompts_longer_than_the_query_are_chunked_and_merged(pred, scene):
     names = [f"object number {i}" for i in range(90)] + ["person"]  # ~ 460 tokens
-    res = pred.predict(scene, names, threshold=0.0, max_dets=300)
+    calls = []
+    res = pred.predict(scene, names, threshold=0.0, max_dets=300, progress=lambda *a: calls.append(a))
     assert len(res.prompt.phrases) == 91 and pred.stats["head_runs"] >= 2
+    n = len(calls)  # progress after every chunk: (1, n) … (n, n)
+    assert n == pred.stats["head_runs"] and calls == [(i + 1, n) for i in range(n)]
     assert res.phrase_ids.max() <= 90 and len(set(res.phrase_ids.tolist())) > 1
     # token scores of a box are filled exactly for its own phrase's tokens (mapped back from its chunk)
     i = int(np.argmax(res.phrase_ids == 90)) if (res.phrase_ids == 90).any() else 0
@@ -187,6 +190,13 @@ def test_cli_predict_json(tiny_fixture, tmp_path):
     js = json.loads(out.stdout)
     assert js["caption"].startswith("red circle") and all(d["score"] > 0.5 for d in js["detections"])
     assert Image.open(tmp_path / "o.png").size == Image.open(tiny_fixture / "image.png").size
+    assert "prompt chunks" not in out.stderr  # one chunk: no bar
+    long = " . ".join(f"object number {i}" for i in range(90))
+    chunked = subprocess.run([sys.executable, "-m", "glip", "predict", "--model", str(tiny_fixture / "model.pth"),
+                              "--config", str(tiny_fixture / "config.json"), "--image", str(tiny_fixture / "image.png"),
+                              "--prompt", long, "--json"], cwd=REPO, capture_output=True, text=True)
+    assert chunked.returncode == 0, chunked.stderr
+    assert "prompt chunks" in chunked.stderr and json.loads(chunked.stdout)["caption"].startswith("object number 0")
     bad = subprocess.run([sys.executable, "-m", "glip", "predict", "--model", str(tiny_fixture / "model.pth"),
                           "--config", str(tiny_fixture / "config.json"), "--image", str(tmp_path / "none.png"),
                           "--prompt", PROMPT], cwd=REPO, capture_output=True, text=True)
