@@ -61,7 +61,7 @@ def use(name: str):
 
 def _inference_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and x.shape[-1] > 0)  # oneDNN has no empty inner dimension
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -61,6 +61,17 @@ def test_autograd_autocast_and_other_dtypes_keep_f_linear():
         assert not gemm.onednn_applies(x, w)
 
 
+@pytest.mark.parametrize("library", LIBS)
+def test_empty_products(library):
+    """No rows gives no rows; an empty inner dimension (which oneDNN cannot multiply) gives the bias."""
+    w, b = torch.randn(4, 5), torch.randn(4)
+    with gemm.use(library), torch.no_grad():
+        assert gemm.linear(torch.randn(0, 5), w, b).shape == (0, 4)
+        assert gemm.linear(torch.randn(2, 0, 5), w, b).shape == (2, 0, 4)
+        assert torch.equal(gemm.linear(torch.randn(3, 0), torch.randn(4, 0), b), b.expand(3, 4))
+        assert torch.equal(gemm.baddbmm(None, torch.randn(1, 3, 0), torch.randn(1, 0, 2)), torch.zeros(1, 3, 2))
+
+
 def test_linear_module_trains_and_keeps_nn_linear_keys():
     torch.manual_seed(0)
     ours, ref = gemm.Linear(5, 3), torch.nn.Linear(5, 3)
