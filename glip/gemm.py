@@ -10,12 +10,14 @@ oneDNN built in, and the library not set to "blas". Both libraries multiply and 
 in different orders, so values differ at fp32 rounding. Everything else (autograd, autocast, other devices)
 is `F.linear`, unchanged.
 
-`GLIP_CPU_GEMM=blas` (or `use("blas")`) keeps torch's BLAS for all of it, e.g. to compare the two.
+`GLIP_CPU_GEMM=blas` (or `use("blas")`) keeps torch's BLAS for all of it, e.g. to compare the two; that is also
+the default off x86-64, where oneDNN has not been measured.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,9 @@ def _check(name: str) -> str:
     return name
 
 
-_chosen = [os.environ.get(ENV, "onednn").strip().lower() or "onednn"]
+# oneDNN by default on x86-64 only, where it was measured (docs/performance.md); elsewhere torch's own BLAS
+_DEFAULT = "onednn" if platform.machine().lower() in ("x86_64", "amd64") else "blas"
+_chosen = [os.environ.get(ENV, _DEFAULT).strip().lower() or _DEFAULT]
 
 
 def library() -> str:
