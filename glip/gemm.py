@@ -49,7 +49,12 @@ _chosen = [os.environ.get(ENV, _DEFAULT).strip().lower() or _DEFAULT]
 
 def library() -> str:
     """The library CPU fp32 inference multiplies with: "onednn" when chosen and built in, else "blas"."""
-    return "onednn" if _check(_chosen[0]) == "onednn" and _ONEDNN_LINEAR is not None else "blas"
+    return "onednn" if _check(_chosen[0]) == "onednn" and available("onednn") else "blas"
+
+
+def available(name: str) -> bool:
+    """Whether `name` can multiply here ("blas" always; "onednn" when built in)."""
+    return _check(name) == "blas" or _ONEDNN_LINEAR is not None
 
 
 @contextlib.contextmanager

@@ -7,8 +7,8 @@ padded to 256 tokens, as it always does. Its two CUDA-only ops get CPU stand-ins
 modulated deformable conv (`glip.dyhead.deform_conv2d`, after the official kernel's offset re-interpretation)
 and NMS (`glip.boxes`), so the comparison measures everything else (the stand-in DCN multiplies with the
 library this project's inference uses, `glip.gemm`; the official code's own products run on torch's defaults).
-This project's predict is timed a second time with torch's BLAS for every product (`GLIP_CPU_GEMM=blas`). The official code predates the torch,
-transformers and numpy installed here; `_install_shims` supplies what it imports that they no longer have
+This project's predict is timed a second time with torch's BLAS for every product (`GLIP_CPU_GEMM=blas`).
+The official code predates the torch, transformers and numpy installed here; `_install_shims` supplies what it imports that they no longer have
 (and empty modules for the packages only its other backbones and datasets use). The shims change this process
 only; run it as its own command, never from a library.
 """

@@ -429,7 +429,7 @@ def test_dcn_packed_weight_gemm_matches_naive_kernel(monkeypatch, library):
     with gemm.use(library):
         with torch.no_grad():
             packable = gemm.pack(torch.zeros(2, 3), 4, like=torch.zeros(1, 3)) is not None
-        if gemm.library() != library or not packable:
+        if not gemm.available(library) or not packable:
             pytest.skip(f"torch built without {library}'s packed GEMM")
         for H, W, stride in ((6, 5, 1), (9, 8, 2)):
             x, offset, mask, weight, bias = dcn_case(g, 5, H, W, stride)
