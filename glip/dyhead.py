@@ -126,13 +126,47 @@ def bilinear_taps(offset: torch.Tensor, mask: torch.Tensor, H: int, W: int, kh: 
     return rows.reshape(B * Ho * Wo * K, 4), wts.reshape(B * Ho * Wo * K, 4)
 
 
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(O, C, kh, kw) → (O, kh·kw·C): the conv weight with its columns in (tap, channel) order, as gathered."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def chunk_positions(x: torch.Tensor, K: int) -> int:
+    """Output positions per gather + GEMM chunk of a DCN over `x` with K taps."""
+    C = x.shape[1]
+    return max(1, (CHUNK_ROWS if runtime.host_tiled(x) else DEVICE_CHUNK_BYTES // (C * x.element_size())) // K)
+
+
+def deform_chunks(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
+                  bias: torch.Tensor | None, kh: int, kw: int, stride: int = 1, padding: int = 1, dilation: int = 1,
+                  table: torch.Tensor | None = None, packed: gemm.PackedLinear | None = None):
+    """The modulated deformable conv as gather + GEMM, a chunk of output positions at a time: yields (s, e, y)
+    with y (e - s, O) the rows s … e of the (B·Ho·Wo, O) channels-last output. `w`: `gemm_weight(weight)`;
+    `packed`: that weight packed for the chunks' row count, or None."""
+    B, C, H, W = x.shape
+    K = kh * kw
+    Ho, Wo = offset.shape[-2:]
+    rows, wts = bilinear_taps(offset, mask, H, W, kh, kw, stride, padding, dilation)
+    table = (sample_table(x) if table is None else table).flatten(0, 1)  # the batch's tables as one
+    wts = wts.to(table.dtype)
+    P = B * Ho * Wo  # output positions of the whole batch, chunked alike
+    step = chunk_positions(x, K)
+    for s in range(0, P, step):
+        e = min(P, s + step)
+        cols = F.embedding_bag(rows[s * K:e * K], table, per_sample_weights=wts[s * K:e * K], mode="sum")
+        cols = cols.view(e - s, K * C)
+        yield s, e, (packed(cols, bias) if packed is not None else gemm.linear(cols, w, bias))
+
+
 def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, stride: int = 1, padding: int = 1, dilation: int = 1,
-                  use_torchvision: bool | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
+                  use_torchvision: bool | None = None, table: torch.Tensor | None = None,
+                  prepared: tuple[torch.Tensor, gemm.PackedLinear | None] | None = None) -> torch.Tensor:
     """Modulated deformable conv. offset (B, 2K, Ho, Wo) with (dy, dx) per tap k = i*kw + j,
     mask (B, K, Ho, Wo). Sample (h*s - p + i*d + dy, w*s - p + j*d + dx); corners outside the
     map read 0 (the DCNv2 im2col kernel's rule). Returns (B, O, Ho, Wo) in channels-last memory.
-    `table`: `sample_table(x)` when the caller already has it."""
+    `table`: `sample_table(x)` when the caller already has it; `prepared`: (`gemm_weight(weight)`, its packed
+    form or None) when the caller keeps them (`ModulatedDeformConv`), else formed here."""
     if use_torchvision is None:
         use_torchvision = _tv_deform_conv2d is not None
     if use_torchvision:
@@ -140,24 +174,18 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, wei
             raise RuntimeError("torchvision.ops.deform_conv2d is not available")
         return _tv_deform_conv2d(x, offset, weight, bias, (stride, stride), (padding, padding),
                                  (dilation, dilation), mask)
-    B, C, H, W = x.shape
+    B = x.shape[0]
     O, _, kh, kw = weight.shape
-    K = kh * kw
     Ho, Wo = offset.shape[-2:]
-    rows, wts = bilinear_taps(offset, mask, H, W, kh, kw, stride, padding, dilation)
-    table = (sample_table(x) if table is None else table).flatten(0, 1)  # the batch's tables as one
-    wts = wts.to(table.dtype)
-    w = weight.permute(0, 2, 3, 1).reshape(O, K * C)  # columns in (tap, channel) order, as gathered
-    P = B * Ho * Wo  # output positions of the whole batch, chunked alike
-    step = max(1, (CHUNK_ROWS if runtime.host_tiled(x) else DEVICE_CHUNK_BYTES // (C * table.element_size())) // K)
+    P = B * Ho * Wo
+    if prepared is None:
+        w = gemm_weight(weight)
+        step = chunk_positions(x, kh * kw)
+        prepared = w, (gemm.pack(w, step, like=x) if P // step >= PACK_MIN_CHUNKS else None)
+    w, packed = prepared
     keep = torch.is_grad_enabled()  # autograd: keep the chunks and concatenate; inference: write in place
-    packed = gemm.pack(w, step, like=table) if P // step >= PACK_MIN_CHUNKS else None
     out, pieces = None, []
-    for s in range(0, P, step):
-        e = min(P, s + step)
-        cols = F.embedding_bag(rows[s * K:e * K], table, per_sample_weights=wts[s * K:e * K], mode="sum")
-        cols = cols.view(e - s, K * C)
-        y = packed(cols, bias) if packed is not None else gemm.linear(cols, w, bias)
+    for s, e, y in deform_chunks(x, offset, mask, w, bias, kh, kw, stride, padding, dilation, table, packed):
         if keep or e - s == P:  # autograd, or the whole batch in one chunk: y is the output
             pieces.append(y)
             continue
@@ -177,15 +205,48 @@ class ModulatedDeformConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cout))
         stdv = 1.0 / math.sqrt(cin * kernel * kernel)
         nn.init.uniform_(self.weight, -stdv, stdv)
+        self._gemm = None  # inference: (key, the weight in GEMM form, packed or None), see `prepared`
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         k = self.weight.shape[-1]
         return ((h + 2 * self.padding - k) // self.stride + 1, (w + 2 * self.padding - k) // self.stride + 1)
 
+    def prepared(self, x: torch.Tensor, positions: int) -> tuple[torch.Tensor, gemm.PackedLinear | None] | None:
+        """Inference: the weight in GEMM form and, for a call of many chunks, packed; kept between calls while
+        the weight is the same tensor at the same version (an optimizer step or a load bumps it). Packed, the
+        GEMM form itself is not kept. None with autograd on, or for a weight without a version (inference mode)."""
+        if torch.is_grad_enabled():
+            return None
+        wt = self.weight
+        try:
+            version = wt._version
+        except RuntimeError:  # an inference tensor
+            return None
+        step = chunk_positions(x, wt.shape[-1] * wt.shape[-2])
+        want_pack = positions // step >= PACK_MIN_CHUNKS
+        key = (version, wt.data_ptr(), wt.dtype, wt.device, x.dtype, step, gemm.library())
+        c = self._gemm
+        if c is None or c[0] != key or (want_pack and c[2] is None):
+            w = gemm_weight(wt)
+            packed = gemm.pack(w, step, like=x) if want_pack else None
+            self._gemm = c = (key, None if packed is not None and packed.library == "onednn" else w, packed)
+        return c[1], c[2]
+
     def forward(self, x, offset, mask, table=None):
         Ho, Wo = self.out_size(*x.shape[-2:])
         offset, mask = reinterpret(offset, Ho, Wo), reinterpret(mask, Ho, Wo)
-        return deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding, table=table)
+        return deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding, table=table,
+                             prepared=self.prepared(x, x.shape[0] * Ho * Wo))
+
+    def chunks(self, x, offset, mask, table=None):
+        """Inference without the torchvision kernel: `deform_chunks` of this conv, the output's rows a chunk at a
+        time (the caller consumes them in place of the assembled map)."""
+        Ho, Wo = self.out_size(*x.shape[-2:])
+        offset, mask = reinterpret(offset, Ho, Wo), reinterpret(mask, Ho, Wo)
+        w, packed = self.prepared(x, x.shape[0] * Ho * Wo) or (gemm_weight(self.weight), None)
+        k = self.weight.shape[-1]
+        return deform_chunks(x, offset, mask, w, self.bias, k, k, self.stride, self.padding, table=table,
+                             packed=packed), (Ho, Wo)
 
 
 def reinterpret(t: torch.Tensor, Ho: int, Wo: int) -> torch.Tensor:
@@ -226,23 +287,42 @@ class DyReLU(nn.Module):
         squeeze = make_divisible(channels // reduction, 4)
         self.fc = nn.Sequential(Linear(channels, squeeze), nn.ReLU(inplace=True), Linear(squeeze, 4 * channels))
 
-    def forward(self, x):
-        B, C = x.shape[:2]
-        y = h_sigmoid(self.fc(x.mean(dim=(2, 3)))).view(B, 4 * C, 1, 1)
+    def coefficients(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """context (B, C), the map's mean → a1, b1, a2, b2 (B, C, 1, 1) of the two lines x·a + b."""
+        B, C = context.shape
+        y = h_sigmoid(self.fc(context)).view(B, 4 * C, 1, 1)
         a1, b1, a2, b2 = torch.split(y, C, dim=1)
-        a1 = (a1 - 0.5) * 2.0 + 1.0
-        a2 = (a2 - 0.5) * 2.0
-        y = torch.addcmul(b1 - 0.5, x, a1)  # x·a + (b - 0.5), as official, one pass each
+        return (a1 - 0.5) * 2.0 + 1.0, b1 - 0.5, (a2 - 0.5) * 2.0, b2 - 0.5
+
+    def forward(self, x):
+        a1, b1, a2, b2 = self.coefficients(x.mean(dim=(2, 3)))
+        y = torch.addcmul(b1, x, a1)  # x·a + b, one pass each
         if torch.is_grad_enabled():
-            return torch.maximum(y, torch.addcmul(b2 - 0.5, x, a2))
+            return torch.maximum(y, torch.addcmul(b2, x, a2))
         if not runtime.host_tiled(x):
-            return torch.maximum(y, torch.addcmul(b2 - 0.5, x, a2), out=y)
+            return torch.maximum(y, torch.addcmul(b2, x, a2), out=y)
         # CPU inference: the second line a band of rows at a time, its maximum written into the first
-        step = max(1, BAND_BYTES // (x.element_size() * B * C * x.shape[-1]))
-        for r in range(0, x.shape[-2], step):
-            yb = y[:, :, r:r + step]
-            torch.maximum(yb, torch.addcmul(b2 - 0.5, x[:, :, r:r + step], a2), out=yb)
+        for r, band in self._bands(x):
+            yb = y[:, :, r:r + band]
+            torch.maximum(yb, torch.addcmul(b2, x[:, :, r:r + band], a2), out=yb)
         return y
+
+    def forward_affine_(self, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        context: torch.Tensor) -> torch.Tensor:
+        """CPU inference: DyReLU(z·scale + shift) written into z, a band of rows at a time; scale, shift (B, C)
+        and `context`, the mean of z·scale + shift, known to the caller. The affine is folded into both lines."""
+        a1, b1, a2, b2 = self.coefficients(context)
+        scale, shift = scale[..., None, None], shift[..., None, None]
+        a1, b1, a2, b2 = a1 * scale, torch.addcmul(b1, a1, shift), a2 * scale, torch.addcmul(b2, a2, shift)
+        for r, band in self._bands(z):
+            zb = z[:, :, r:r + band]
+            torch.maximum(torch.addcmul(b1, zb, a1), torch.addcmul(b2, zb, a2), out=zb)
+        return z
+
+    @staticmethod
+    def _bands(x: torch.Tensor):
+        step = max(1, BAND_BYTES // (x.element_size() * x.shape[0] * x.shape[1] * x.shape[-1]))
+        return ((r, step) for r in range(0, x.shape[-2], step))
 
 
 class DyConv(nn.Module):
@@ -264,6 +344,14 @@ class DyConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        if (not torch.is_grad_enabled() and _tv_deform_conv2d is None and runtime.host_tiled(feats[0])
+                and not torch.is_autocast_enabled(feats[0].device.type)):
+            return self._forward_folded(feats)
+        return self._forward_maps(feats)
+
+    def _forward_maps(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every branch formed as a map, normed, weighted and summed: autograd, autocast, torchvision's kernel,
+        other devices (at inference the sums in place)."""
         infer = not torch.is_grad_enabled()
         tv = _tv_deform_conv2d is not None  # torchvision's kernel reads the map itself
         # A level's zero-bordered table is built for the coarser branch of the level below and kept for the
@@ -304,3 +392,101 @@ class DyConv(nn.Module):
         if fea is None:
             return term
         return fea.add_(term) if infer else fea + term
+
+    def _forward_folded(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """CPU inference, the same values with the maps read and written fewer times. Every per-channel step after a
+        DCN is an affine map of its output y: GroupNorm is y·s + t once y's channel means and variances are known
+        (taken from the GEMM's chunks while they are in cache), bilinear upsampling commutes with it (its weights
+        sum to 1), the scale attention reads only the branch's channel means, and the branch mean and DyReLU's
+        context are sums of those. So a level is Σ_i z_i·k_i (z_i a DCN output, upsampled for the coarser branch)
+        accumulated chunk by chunk into one map, plus a per-channel constant, and DyReLU, with the constant and the
+        1/n of the mean folded into its two lines, is applied to that map in place."""
+        if feats[0].shape[0] > 1:  # every statistic is per image
+            per_image = [self._forward_folded([f[b:b + 1] for f in feats]) for b in range(feats[0].shape[0])]
+            return [torch.cat(level) for level in zip(*per_image)]
+        nxt = None
+        out = []
+        for l, x in enumerate(feats):
+            H, W = x.shape[-2:]
+            t = nxt if nxt is not None else sample_table(x)
+            om = conv3x3_from_table(t, H, W, self.offset.weight, self.offset.bias)
+            offset, mask = om[:, :18], om[:, 18:].sigmoid()
+            acc = x.new_empty(1, H, W, x.shape[1]).permute(0, 3, 1, 2)  # channels-last, like the DCN's output
+            shift, mean = self._fold_branch(self.DyConv[1], x, offset, mask, t, acc, first=True)
+            del t
+            n = 1
+            if l > 0:
+                c, m = self._fold_branch(self.DyConv[2], feats[l - 1], offset, mask, None, acc)
+                shift, mean, n = shift + c, mean + m, n + 1
+            nxt = None
+            if l < len(feats) - 1:
+                nxt = sample_table(feats[l + 1])
+                c, m = self._fold_branch(self.DyConv[0], feats[l + 1], offset, mask, nxt, acc, size=(H, W))
+                shift, mean, n = shift + c, mean + m, n + 1
+            scale = acc.new_full((1, acc.shape[1]), 1.0 / n)
+            out.append(self.relu.forward_affine_(acc, scale, (shift / n)[None], ((mean + shift) / n)[None]))
+            del acc
+        return out
+
+    def _fold_branch(self, branch: "Conv3x3Norm", src: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
+                     table: torch.Tensor | None, acc: torch.Tensor, first: bool = False,
+                     size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds z·k into `acc` (written, when `first`), z the branch's DCN output (upsampled to `size`), k its
+        GroupNorm scale × its scale attention a; returns a·t (t the GroupNorm shift) and the mean of z·k, per channel."""
+        chunks, (Ho, Wo) = branch.conv.chunks(src, offset, mask, table)
+        pieces, stats = [], []
+        for s, e, y in chunks:
+            pieces.append((s, e, y))
+            stats.append(_moments(y))
+        var, mean = _merge_moments(stats, [e - s for s, e, _ in pieces])
+        scale, shift = group_norm_affine(branch.bn, mean, var)
+        if size is not None:  # the coarser level: its map upsampled
+            y = pieces[0][2] if len(pieces) == 1 else torch.cat([p for _, _, p in pieces])
+            z = F.interpolate(y.view(1, Ho, Wo, -1).permute(0, 3, 1, 2), size=size, mode="bilinear",
+                              align_corners=True)
+            del y, pieces
+            mean = z.mean(dim=(2, 3))[0]
+        attn = self.AttnConv[1]
+        a = h_sigmoid(F.relu(gemm.linear((mean * scale + shift)[None], attn.weight.flatten(1), attn.bias)))[0]
+        k = scale * a
+        if size is not None:
+            acc.addcmul_(z, k[:, None, None])
+        else:
+            rows = acc.permute(0, 2, 3, 1).view(-1, acc.shape[1])
+            for s, e, y in pieces:
+                torch.mul(y, k, out=rows[s:e]) if first else rows[s:e].addcmul_(y, k)
+        return a * shift, mean * k
+
+
+def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(biased variance, mean) of each column of a chunk, in two passes while it is in cache (the stable order;
+    `torch.var_mean` over rows is an order of magnitude slower on the CPU)."""
+    mean = y.mean(0)
+    d = y - mean
+    return d.mul_(d).mean(0), mean
+
+
+def _merge_moments(stats: list[tuple[torch.Tensor, torch.Tensor]], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (variance, mean) of rows given per chunk by `_moments`: the chunks' means weighted by their
+    row counts, and the law of total variance (no sum of squares, which cancels in fp32)."""
+    if len(stats) == 1:
+        return stats[0]
+    var, mean = (torch.stack(v) for v in zip(*stats))
+    n = torch.tensor(counts, dtype=mean.dtype, device=mean.device)[:, None]
+    m = (mean * n).sum(0) / n.sum()
+    return ((var + (mean - m).square()) * n).sum(0) / n.sum(), m
+
+
+def group_norm_affine(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm of a map whose per-channel mean and (biased) variance are given, as the per-channel affine
+    x·scale + shift it applies: a group's mean is its channels' mean, its variance their mean variance plus the
+    spread of their means."""
+    G = norm.num_groups
+    m = mean.view(G, -1)
+    mg = m.mean(1, keepdim=True)
+    inv = torch.rsqrt((var.view(G, -1) + (m - mg).square()).mean(1, keepdim=True) + norm.eps)
+    gamma = norm.weight.view(G, -1) if norm.affine else torch.ones_like(m)
+    beta = norm.bias.view(G, -1) if norm.affine else torch.zeros_like(m)
+    scale = gamma * inv
+    return scale.flatten(), (beta - mg * scale).flatten()
+

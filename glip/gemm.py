@@ -106,8 +106,9 @@ class Linear(nn.Linear):
 @dataclass(frozen=True)
 class PackedLinear:
     """A weight laid out once in its library's blocked format, for many products with it (a chunked GEMM).
-    `rows`: the row count of most calls (the layout is tuned for it; any row count is correct)."""
-    weight: torch.Tensor
+    `rows`: the row count of most calls (the layout is tuned for it; any row count is correct). `weight`: the
+    original (N, K), which MKL's packed GEMM also reads; None for oneDNN, which reads only its packed form."""
+    weight: torch.Tensor | None
     packed: torch.Tensor
     rows: int
     library: str
@@ -124,7 +125,7 @@ def pack(weight: torch.Tensor, rows: int, like: torch.Tensor) -> PackedLinear | 
     if not _inference_fp32_cpu(like, weight):
         return None
     if library() == "onednn" and _ONEDNN_PACK is not None:
-        return PackedLinear(weight, _ONEDNN_PACK(weight, rows), rows, "onednn")
+        return PackedLinear(None, _ONEDNN_PACK(weight, rows), rows, "onednn")
     if library() == "blas" and _MKL_PACK is not None:
         return PackedLinear(weight, _MKL_PACK(weight, rows), rows, "blas")
     return None
