@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError, GLIPError
+from .errors import ConfigError, DataWarning, GLIPError
 
 USAGE_ERROR = 2   # bad arguments or input (argparse's own code for usage errors)
 INTERRUPTED = 130
@@ -43,7 +44,9 @@ def run_command(fn: Callable[[argparse.Namespace], int | None], args: argparse.N
         from . import gemm
 
         gemm.library()  # a bad GLIP_CPU_GEMM stops here, before any work
-        return int(fn(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(fn(args) or 0)
     except GLIPError as e:
         _close_progress_bars()
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -52,6 +55,17 @@ def run_command(fn: Callable[[argparse.Namespace], int | None], args: argparse.N
         _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own warnings as one line each; anything else as Python shows it."""
+    if issubclass(category, DataWarning):
+        tqdm = sys.modules.get("tqdm")  # above any progress bar, which stays
+        write = getattr(getattr(tqdm, "tqdm", None), "write", None)
+        text = f"warning: {one_line(message)}"
+        write(text, file=sys.stderr) if write is not None else print(text, file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _close_progress_bars() -> None:

@@ -30,3 +30,8 @@ class DataError(GLIPError):
 
 class ConfigError(GLIPError):
     """An out-of-range or unknown setting (CLI flag, config key, training option)."""
+
+
+class DataWarning(UserWarning):
+    """Data that can be read but not all of it is used (e.g. annotations of images the file does not list);
+    the CLI prints it as one line."""

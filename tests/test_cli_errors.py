@@ -171,3 +171,22 @@ def test_an_error_mid_run_gets_a_line_of_its_own_after_the_progress_bar(tmp_path
     lines = err.replace("\r", "\n").splitlines()
     errors = [line for line in lines if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "gone.png" in errors[0], err[-500:]
+
+
+def test_a_data_warning_is_one_line_and_the_command_goes_on(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "a.png")
+    ann = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0},
+                           {"id": 2, "image_id": 7, "category_id": 1, "bbox": [2, 2, 20, 20], "area": 400, "iscrowd": 0}],
+           "categories": [{"id": 1, "name": "red square"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    code, out, err = _run(["eval", "--model", "toy", "--data", f"coco:{tmp_path / 'ann.json'}:{tmp_path}",
+                           "--batch-size", "1"], capsys)
+    assert code == 0, err[-500:]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("warning")]
+    assert lines == [f"warning: {tmp_path / 'ann.json'}: 1 of 2 annotations belong to no image in 'images' and are "
+                     f"ignored (the first: annotation 2 with image_id 7)"], err[-800:]
+    assert "Traceback" not in err and "DataWarning" not in err
+

@@ -14,7 +14,7 @@ from PIL import Image
 from glip.datasets import Record, Region, open_dataset, parse_spec, write_dataset
 from glip.datasets.odvg import odvg_from_record, record_from_odvg, write_odvg
 from glip.datasets.webdataset import expand_braces
-from glip.errors import DataError
+from glip.errors import DataError, DataWarning
 
 N = 4
 
@@ -225,6 +225,31 @@ def test_coco_malformed_file_and_annotation(tmp_path):
     a, b = list(open_dataset(f"coco:{tmp_path / 'c.json'}"))
     assert a.error == f"{tmp_path / 'c.json'}: annotation 5: bbox must be 4 numbers [x, y, w, h], got [1, 2, 3]"
     assert "annotation 6: unknown category_id 9" in b.error and b.regions[0].box == (1.0, 2.0, 4.0, 6.0)
+
+
+@pytest.mark.parametrize("fmt", ["coco", "mdetr"])
+def test_annotations_of_images_the_file_does_not_list_are_ignored_with_a_warning(tmp_path, fmt):
+    """pycocotools ignores them too; the warning counts them and names the first, and the listed images'
+    records are as without them."""
+    images = [{"id": 1, "file_name": "a.png", "caption": "a cat"}]
+    good = {"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "tokens_positive": [[2, 5]]}
+    stray = [{"id": 8, "image_id": 99, "category_id": 1, "bbox": [1, 2, 3, 4], "tokens_positive": [[2, 5]]},
+             "not an annotation", {"id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]
+    cats = [{"id": 1, "name": "cat"}]
+    (tmp_path / "clean.json").write_text(json.dumps({"images": images, "annotations": [good], "categories": cats}))
+    (tmp_path / "c.json").write_text(json.dumps({"images": images, "annotations": [good] + stray, "categories": cats}))
+    with pytest.warns(DataWarning) as seen:
+        got = list(open_dataset(f"{fmt}:{tmp_path / 'c.json'}"))
+    assert [str(w.message) for w in seen] == [
+        f"{tmp_path / 'c.json'}: 3 of 4 annotations belong to no image in 'images' and are ignored "
+        f"(the first: annotation 8 with image_id 99)"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file without strays warns nothing
+        want = list(open_dataset(f"{fmt}:{tmp_path / 'clean.json'}"))
+    assert [(r.key, r.regions, r.error) for r in got] == [(r.key, r.regions, r.error) for r in want]
+    assert len(got[0].regions) == 1
 
 
 def test_coco_annotations_without_categories_stop_at_open(tmp_path):

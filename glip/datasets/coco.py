@@ -9,10 +9,11 @@ A malformed annotation marks its image's record with an `error` naming the file 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from glip.errors import DataError
+from glip.errors import DataError, DataWarning
 
 from .records import Category, Dataset, Record, Region
 from .writers import atomic_write_bytes, atomic_write_text, image_bytes
@@ -56,6 +57,14 @@ def coco_tables(path: Path) -> tuple[list, dict[object, list[tuple[int, dict]]],
     by_image: dict[object, list[tuple[int, dict]]] = {}
     for k, a in enumerate(anns):
         by_image.setdefault(a.get("image_id") if isinstance(a, dict) else None, []).append((k, a))
+    ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+    orphans = [(k, a) for key, pairs in by_image.items() if key is None or key not in ids for k, a in pairs]
+    if orphans:  # pycocotools ignores them as well; saying so keeps a mismatched file from passing unnoticed
+        k, a = min(orphans, key=lambda p: p[0])
+        first = (f"annotation {a.get('id', k)} with image_id {a.get('image_id')!r}" if isinstance(a, dict)
+                 else f"annotation {k}, not an object")
+        warnings.warn(f"{path}: {len(orphans)} of {len(anns)} annotations belong to no image in 'images' and are "
+                      f"ignored (the first: {first})", DataWarning, stacklevel=2)
     return data["images"], by_image, cats
 
 
