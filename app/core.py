@@ -93,6 +93,14 @@ def components(comps: dict, *names: str) -> list:
     return [comps[k] for k in names]
 
 
+def chunk_progress(progress):
+    """`predict`'s (done, total) per prompt chunk → a gr.Progress bar, shown only for a prompt of several chunks."""
+    def report(done: int, total: int) -> None:
+        if total > 1:
+            progress((done, total), desc="prompt chunks", unit="chunk")
+    return report
+
+
 def user_error(msg: str) -> gr.Error:
     return gr.Error(plain(msg), print_exception=False)
 
@@ -209,8 +217,9 @@ class Core:
         return None, None
 
     def predict(self, req: GroundRequest, output_attentions: bool = False, fusion: bool = True, threshold=None,
-                max_dets=None, model=None):
-        """(model, GroundingResult) for a request, on the model that ran it (`req.ran`)."""
+                max_dets=None, model=None, progress=None):
+        """(model, GroundingResult) for a request, on the model that ran it (`req.ran`). `progress`: a gr.Progress,
+        told of each prompt chunk when the prompt is longer than one query."""
         model = model or self.manager.get(req.ran)
         size, max_size = self.input_size(model, req.min_size)
         w, h = req.image_size
@@ -220,7 +229,8 @@ class Core:
                 threshold=req.threshold if threshold is None else threshold, nms_iou=req.nms_iou,
                 max_dets=max_dets or req.max_dets, min_size=size, max_size=max_size,
                 precision=req.precision, output_attentions=output_attentions, fusion=fusion,
-                candidate_threshold=0.0 if self.manager.is_fallback(req.ran) else None)
+                candidate_threshold=0.0 if self.manager.is_fallback(req.ran) else None,
+                progress=None if progress is None else chunk_progress(progress))
         if req.best_only and threshold is None and max_dets is None:
             res = res.best_per_phrase(1)
         return model, res

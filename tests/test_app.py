@@ -274,6 +274,32 @@ def test_a_run_without_boxes_clears_the_chart_and_the_status_counts_what_is_draw
     assert "showing 1 box above" in one.status_out
 
 
+def test_a_prompt_of_several_chunks_reports_each_to_the_progress_bar(tabs, scene):
+    """A prompt longer than one query (the app allows 2,000 characters) runs in chunks; the Ground tab's
+    gr.Progress hears of each, a one-chunk prompt of none."""
+    s, path = scene
+    g = tabs["ground"]
+    seen = []
+
+    class Progress:  # what gradio passes in an event
+        def __call__(self, value, desc=None, total=None, unit="steps"):
+            seen.append((value, desc, unit))
+
+    colours = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "grey"]
+    shapes = ["circle", "square", "star", "triangle", "hexagon", "cross", "ring", "diamond"]
+    long_prompt = " . ".join(f"{c} {sh} number {k}" for k in range(3) for c in colours for sh in shapes[:3])
+    assert len(long_prompt) <= 2000
+    args = ("auto", "", STUDENT, 0.3, 0.6, 100, 0, "fp32", "all boxes")
+    view = g.ground(path, long_prompt, *args, progress=Progress())
+    assert view.state is not None
+    chunks = [v for v, desc, unit in seen]
+    assert len(chunks) >= 2 and chunks == [(k, chunks[0][1]) for k in range(1, chunks[0][1] + 1)]
+    assert {(desc, unit) for _, desc, unit in seen} == {("prompt chunks", "chunk")}
+    seen.clear()
+    g.ground(path, "red circle . star", *args, progress=Progress())
+    assert seen == []
+
+
 def test_crowded_prompts_show_the_best_box_per_phrase_by_default(tabs, core, scene):
     s, path = scene
     g = tabs["ground"]

@@ -51,7 +51,8 @@ class GroundTab:
         self.c: dict[str, Any] = {}
 
     # --- callbacks ----------------------------------------------------------------------------------------------
-    def ground(self, image, prompt, mode, phrases, model_name, thr, nms, max_boxes, size, precision, show="auto"):
+    def ground(self, image, prompt, mode, phrases, model_name, thr, nms, max_boxes, size, precision, show="auto",
+               progress=gr.Progress()):
         t0 = time.perf_counter()
         req = self.core.request(image, prompt, MODES.get(mode, "auto"), phrases, model_name, thr, nms, max_boxes, size,
                                 precision)
@@ -59,7 +60,7 @@ class GroundTab:
         req = req.replace(ran=r.name)
         if r.note:
             warn(r.note)
-        return self._view(req, show, t0, note=r.note)
+        return self._view(req, show, t0, note=r.note, progress=progress)
 
     def rethreshold(self, req: GroundRequest | None, thr, nms, max_boxes, show="auto"):
         """Score / NMS / max-box / show changes: re-render from the predictor's cache (no network run)."""
@@ -68,8 +69,9 @@ class GroundTab:
         req = req.replace(threshold=float(thr), nms_iou=float(nms), max_dets=int(max_boxes))
         return self._view(req, show, time.perf_counter(), heat=False)
 
-    def _view(self, req: GroundRequest, show: str, t0: float, heat: bool = True, note: str = "") -> GroundView:
-        model, full = self.core.predict(req.replace(best_only=False))
+    def _view(self, req: GroundRequest, show: str, t0: float, heat: bool = True, note: str = "",
+              progress=None) -> GroundView:
+        model, full = self.core.predict(req.replace(best_only=False), progress=progress)
         best = show == "best box per phrase" or (show == "auto" and len(full) > CROWDED)
         req = req.replace(best_only=best)
         res = full.best_per_phrase(1) if best else full
