@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
+from . import gemm, runtime
 from .config import GLIPConfig
 from .gemm import Linear
 
@@ -41,10 +41,10 @@ CHUNK_BYTES = 4 << 20
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.act, self.fc2 = Linear(dim, hidden), nn.GELU(), Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(gemm.linear_gelu(x, self.fc1.weight, self.fc1.bias))  # fc1 → exact GELU → fc2
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:

@@ -85,6 +85,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU (exact, erf) of `linear`; on oneDNN as the GEMM's post-op, so the hidden layer is written once."""
+    if onednn_applies(x, weight):
+        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
+    return F.gelu(F.linear(x, weight, bias))
+
+
 def baddbmm(bias: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """bias + x @ y per batch item, as `torch.baddbmm` (x (B, M, K), y (B, K, N), bias broadcast to (B, M, N));
     bias None: `torch.bmm`. On oneDNN one `linear` per batch item, with y's transpose as the weight."""

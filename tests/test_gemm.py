@@ -41,6 +41,25 @@ def test_linear_is_f_linear_at_fp32_rounding(library, lead, k, n, bias, strided,
     torch.testing.assert_close(out_packed.double(), ref, **tol)
 
 
+@pytest.mark.parametrize("library", LIBS)
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 40), bias=st.booleans(),
+       scale=st.sampled_from([0.1, 1.0, 8.0]), seed=st.integers(0, 2 ** 16))
+def test_linear_gelu_is_exact_gelu_of_linear(library, rows, k, n, bias, scale, seed):
+    """oneDNN's GELU post-op is the exact (erf) GELU, not the tanh one: float64 reference, fp32 rounding,
+    across the range where the two differ (scale 1) and the saturated tails."""
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g) * scale, torch.randn(n, k, generator=g) / k ** 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
+    with gemm.use(library), torch.no_grad():
+        out = gemm.linear_gelu(x, w, b)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5 * scale * (k ** 0.5), rtol=1e-5)
+    tanh = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()), approximate="tanh")
+    if scale == 1.0 and rows * n >= 64:  # the test can tell the two GELUs apart
+        assert (tanh - ref).abs().max() > 1e-4
+
+
 def test_autograd_autocast_and_other_dtypes_keep_f_linear():
     x, w, b = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3)
     with gemm.use("onednn"):
@@ -87,6 +106,7 @@ def test_every_gemm_path_is_counted(library):
     x, w, b = torch.randn(7, 3, 16), torch.randn(8, 16), torch.randn(8)
     with gemm.use(library), torch.no_grad():
         assert count_flops(lambda: gemm.linear(x, w, b)) == 2 * 21 * 16 * 8
+        assert count_flops(lambda: gemm.linear_gelu(x, w, b)) == 2 * 21 * 16 * 8
         packed = gemm.pack(w, 21, like=x)
         if packed is not None:
             assert count_flops(lambda: packed(x.view(21, 16), b)) == 2 * 21 * 16 * 8
