@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,13 @@ def one_line(message: str) -> str:
 class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as ONE line on stderr ("error: …; see --help"), exit code 2.
     Subparsers made by `add_subparsers` are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts with "-" and a digit ("-1/4", "-3e2") is a value, as argparse reads it from Python
+        # 3.13 on; before, only plain negative numbers were, and "--shard -1/4" failed as "expected one argument"
+        # instead of saying what is wrong with -1/4.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)

@@ -80,6 +80,9 @@ CASES = {
     "missing argument": (["predict", "--prompt", "dog"], "the following arguments are required: --image"),
     "unknown command": (["frobnicate"], "invalid choice: 'frobnicate'"),
     "convert of nothing": (["convert", "/no/such.pth", "out"], "Unknown model"),
+    "shard negative": (["label", "--model", "toy", "--data", f"folder:{FX}", "--out", "/tmp/x", "--shard", "-1/4"],
+                       "--shard must be I/N with 0 <= I < N (e.g. 0/4), got '-1/4'"),
+    "height negative float": (["bench", "--height", "-5.5"], "--height: expected a whole number"),
 }
 
 
