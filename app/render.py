@@ -46,7 +46,8 @@ def color_map(phrases: list[str], styles: list[PhraseStyle] | None = None) -> di
 
 def highlighted_prompt(prompt, novel_words=()) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
     """The caption as (segment, label) pairs for gr.HighlightedText, phrases labelled (coloured) by their
-    phrase style, plus the color_map. `novel_words`: words highlighted with their own label."""
+    phrase style, plus the color_map. `novel_words`: words highlighted with their own label: "<phrase> · novel
+    word" in a darker shade of the phrase's colour inside a phrase, "novel word" in yellow outside any."""
     caption = prompt.caption
     labels = phrase_labels(prompt.phrases)
     owner = [None] * len(caption)
@@ -55,12 +56,14 @@ def highlighted_prompt(prompt, novel_words=()) -> tuple[list[tuple[str, str | No
             for k in range(b, min(e, len(caption))):
                 owner[k] = labels[j]
     cmap = color_map(prompt.phrases)
-    if novel_words:
+    if novel_words:  # inside a phrase: the phrase's colour, darker (the phrase stays one colour family)
         pat = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(novel_words, key=len, reverse=True)) + r")\b", re.I)
         for m in pat.finditer(caption):
+            phrase = owner[m.start()]
+            label = NOVEL_LABEL if phrase is None else f"{phrase} · {NOVEL_LABEL}"
+            cmap[label] = NOVEL_COLOR if phrase is None else darker(cmap[phrase])
             for k in range(m.start(), m.end()):
-                owner[k] = NOVEL_LABEL
-            cmap[NOVEL_LABEL] = NOVEL_COLOR
+                owner[k] = label
     segs: list[tuple[str, str | None]] = []
     for k, ch in enumerate(caption):
         if segs and segs[-1][1] == owner[k]:
@@ -68,6 +71,12 @@ def highlighted_prompt(prompt, novel_words=()) -> tuple[list[tuple[str, str | No
         else:
             segs.append((ch, owner[k]))
     return segs, cmap
+
+
+def darker(color: str, amount: float = 0.35) -> str:
+    """A "#rrggbb" colour moved `amount` of the way to black."""
+    r, g, b = (int(color[k:k + 2], 16) for k in (1, 3, 5))
+    return "#" + "".join(f"{round(v * (1 - amount)):02x}" for v in (r, g, b))
 
 
 def legend_html(phrases: list[str], counts: list[int] | None = None) -> str:

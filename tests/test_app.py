@@ -300,6 +300,27 @@ def test_a_prompt_of_several_chunks_reports_each_to_the_progress_bar(tabs, scene
     assert seen == []
 
 
+def test_a_novel_word_inside_a_phrase_keeps_the_phrase_colour_family():
+    """Teacher vs student marks the words only the student learned; inside a phrase the word takes a darker
+    shade of the phrase's colour and a label naming both, so the phrase still reads as one; outside any phrase
+    it is the plain "novel word" yellow."""
+    from glip.prompts import from_caption
+
+    prompt = from_caption("clip art with a big turquoise star", phrases=["a big turquoise star"])
+    segs, cmap = render.highlighted_prompt(prompt, ["turquoise", "clip"])
+    phrase = render.phrase_labels(prompt.phrases)[0]
+    by_label = {}
+    for text, label in segs:
+        by_label.setdefault(label, []).append(text)
+    assert by_label[f"{phrase} · {render.NOVEL_LABEL}"] == ["turquoise"]
+    assert by_label[phrase] == ["a big ", " star"]
+    assert by_label[render.NOVEL_LABEL] == ["clip"] and cmap[render.NOVEL_LABEL] == render.NOVEL_COLOR
+    base, dark = (np.array([int(c[k:k + 2], 16) for k in (1, 3, 5)]) for c in
+                  (cmap[phrase], cmap[f"{phrase} · {render.NOVEL_LABEL}"]))
+    assert (dark < base).all() and np.allclose(dark / base, dark[0] / base[0], atol=0.02)  # same hue, darker
+    assert "".join(t for t, _ in segs) == prompt.caption
+
+
 def test_crowded_prompts_show_the_best_box_per_phrase_by_default(tabs, core, scene):
     s, path = scene
     g = tabs["ground"]
