@@ -153,15 +153,13 @@ class GroundTab:
         kind, k = sel
         if kind == "phrase":
             levels, comb = model.predictor.token_heatmaps(res, phrase=k, size=im.size)
-            name = render.phrase_labels(res.prompt.phrases)[k]
         else:
             levels, comb = model.predictor.token_heatmaps(res, token_ids=[k], size=im.size)
-            name = res.tokens[k].text
         # one colour scale for every tile, 0 to the highest score on any level: a level that scores nothing stays
         # dark instead of being stretched into hot spots
         scale = (0.0, max([float(comb.max())] + [float(m.max()) for m in levels]))
         out = [(render.heat_overlay(im, comb.numpy(), scale=scale),
-                f"'{name}': combined, max {float(comb.max()):.2f} · all tiles 0–{scale[1]:.2f}")]
+                f"combined, max {float(comb.max()):.2f}")]  # captions overlay the tile: one short line each
         hw, strides = res.states[0].hw, model.config.anchor_strides
         for lv, m in enumerate(levels):
             up = explain.upsample(m, strides[lv], hw, im.size, mode="nearest")
@@ -270,7 +268,8 @@ class GroundTab:
                                              height=120)
             c["bars_out"] = gr.Plot(label="Per-token scores of the selected box", show_label=False, elem_id="token-bars")
             c["heat_pick"] = gr.Dropdown(label="Heat map for (phrase or token)", choices=[], elem_id="heat-pick")
-            c["heat_out"] = gr.Gallery(label="Dense S_ground: combined over levels, then P3..P7", columns=6,
+            c["heat_out"] = gr.Gallery(label="Dense S_ground of the picked phrase or token: combined over levels, then P3..P7, "
+                                             "one colour scale for every tile (0 to the highest max)", columns=6,
                                        height="auto", object_fit="contain", elem_id="heat-gallery")
         return self
 
