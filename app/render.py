@@ -181,8 +181,8 @@ def mark_point(image: Image.Image, xy, color=(255, 255, 255)) -> Image.Image:
     im = image.copy()
     d = ImageDraw.Draw(im)
     x, y = xy
-    r = max(5, round(max(im.size) / 80))
-    for col, w in (((0, 0, 0), 4), (color, 2)):
+    r = max(9, round(max(im.size) / 40))  # the image is shown scaled down: a ring and tick marks that stay visible
+    for col, w in (((0, 0, 0), 6), (color, 3)):
         d.ellipse([x - r, y - r, x + r, y + r], outline=col, width=w)
         d.line([x - 2 * r, y, x - r, y], fill=col, width=w)
         d.line([x + r, y, x + 2 * r, y], fill=col, width=w)

@@ -389,6 +389,8 @@ def test_every_view_renders(tabs, core, scene):
                         (setup.layer_pick.choices[-1], setup.head_pick.choices[0], "attention mass per pixel")):
         t = f.text_to_image(req, val(setup.tok_pick.choices[-1]), val(lc), val(hc), how)
         assert len(t.t2i_out) == 6 and t.strip_out.width > t.strip_out.height and t.sharp_out is not None
+        assert all(len(cap) <= 24 for _, cap in t.t2i_out)  # captions overlay the tiles: one short line each
+        assert val(lc) in t.t2i_note  # what the dropdowns picked is said above the tiles instead
     v = f.image_to_text(req, setup.box_pick.value, "mean of heads", "rollout over layers")
     assert v.click_img.size == core.display(path).size
     v = f.image_to_text(req, None, "head 1", "layer 1", point=(10.0, 20.0))

@@ -115,7 +115,7 @@ class FusionTab:
             vec = per_layer[int(str(layer_choice).split()[1]) - 1]
         levels, comb = to_map(vec)
         hname = "head mean" if head is None else f"head {head + 1}"
-        main = [(render.heat_overlay(im, comb.numpy()), f"'{name}' → image, {layer_choice}, {hname}")]
+        main = [(render.heat_overlay(im, comb.numpy()), "all levels combined")]  # one short line: it overlays the tile
         for lv, m in enumerate(levels):
             up = explain.upsample(m, strides[lv], hw, im.size, mode="nearest")
             main.append((render.heat_overlay(im, up.numpy()), f"P{lv + 3}: {m.shape[0]}×{m.shape[1]}, mass {float(m.sum()):.2f}"))
@@ -129,7 +129,7 @@ class FusionTab:
                                     [f"layer {i + 1}" for i in range(len(per_layer))] + ["rollout"],
                                     f"How focused '{name}' is, by depth ({hname})")
         return FusionView(t2i_out=main, strip_out=render.tile(strip), sharp_out=fig,
-                          t2i_note=f"Text → image for **{name}** (token ids {ids}).")
+                          t2i_note=f"Text → image for **{name}** (token ids {ids}), {layer_choice}, {hname}.")
 
     def image_to_text(self, req: GroundRequest | None, box_choice, head_choice, layer_choice, point=None):
         """A box (or a clicked point, in display pixels) → its attention over the prompt tokens, per layer and
